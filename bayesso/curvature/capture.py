@@ -16,8 +16,8 @@ class Call:
 
     input: Tensor
     version: int
-    output_shape: torch.Size
-    output_dtype: torch.dtype
+    output: Tensor = field(repr=False)
+    output_version: int
     grad: Tensor | None = field(default=None, repr=False)
 
     def take_grad(self) -> Tensor:
@@ -25,7 +25,7 @@ class Call:
         grad = self.grad
         self.grad = None
         if grad is None:
-            return torch.zeros(self.output_shape, dtype=self.output_dtype, device=self.input.device)
+            return torch.zeros_like(self.output)
         return grad
 
 
@@ -65,7 +65,7 @@ class CallRecorder:
                     f"with output {tuple(output.shape)}; the curvature rules need the batch ({self.batch_size}) "
                     "in dimension 0. Exclude the module with modules=... to use the generic fallback for it."
                 )
-            call = Call(x, x._version, output.shape, output.dtype)
+            call = Call(x, x._version, output, output._version)
             if output.requires_grad:
                 output.register_hook(lambda grad: setattr(call, "grad", grad))
             self.calls[name].append(call)
@@ -81,6 +81,18 @@ class CallRecorder:
                     "its curvature cannot be computed from it"
                 )
         return [call.input.detach() for call in self.calls[name]]
+
+    def gradient_targets(self, name: str, params: list[Tensor]) -> list[Tensor]:
+        """What to differentiate for module ``name``'s output gradients: its outputs, or ``params``.
+
+        Differentiating with respect to the outputs skips the weight-gradient products;
+        an output modified in place since the call is no longer the tensor the hook
+        watches, so the module's parameters are requested instead (the hook still fires).
+        """
+        calls = [c for c in self.calls[name] if c.output.requires_grad]
+        if all(c.output._version == c.output_version for c in calls):
+            return [c.output for c in calls]
+        return params
 
     def take_grads(self, name: str) -> list[Tensor]:
         """Output gradients of every call of module ``name`` from the last backward pass."""

@@ -46,8 +46,8 @@ class ModuleRule(ABC):
         """The recorded output gradients of all calls for one backward vector, in the rule's layout."""
 
     @abstractmethod
-    def per_example_gradients(self, prepared: Any, grads: Any, index: slice) -> Tensor:
-        """Per-example gradients (b, P_m) of the examples in ``index``."""
+    def per_example_gradients(self, prepared: Any, grads: Any, index: slice) -> list[Tensor]:
+        """Per-example gradients of the examples in ``index``: one (b, numel) tensor per trainable parameter."""
 
     def diagonal(self, prepared: Any, grads: Any) -> Tensor | None:
         """Sum over examples of squared per-example gradients without forming them, if possible."""
@@ -57,9 +57,10 @@ class ModuleRule(ABC):
 class AffineRule(ModuleRule):
     """Modules computing out = W a (+ b) per position and group: Linear and convolutions.
 
-    ``prepare`` gives input-side vectors a of shape (B, R, groups, d_in) (bias entry
-    1 appended, positions R of all calls concatenated) and ``output_gradients`` the
-    output-side gradients (B, R, groups, d_out).
+    ``prepare`` gives the input vectors a of shape (B, R, groups, in_features)
+    (positions R of all calls concatenated; None if the weight is frozen) and
+    ``output_gradients`` the output gradients (B, R, groups, out_features). Weight
+    entries come out in ``W.flatten()`` order (group, out, in), then the bias.
     """
 
     has_kron = True
@@ -78,39 +79,45 @@ class AffineRule(ModuleRule):
 
     def prepare(self, module, inputs, trainable, dtype):
         layout = self.layout(module, trainable)
-        a = torch.cat([self.patches(module, x.to(dtype)) for x in inputs], dim=1)
-        if not layout.has_weight:
-            a = a[..., :0]
-        if layout.has_bias:
-            a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
+        a = _cat([self.patches(module, x.to(dtype)) for x in inputs]) if layout.has_weight else None
         return a, layout
 
     def output_gradients(self, module, grads, dtype):
-        return torch.cat([self.output_gradient(module, g.to(dtype)) for g in grads], dim=1)
+        return _cat([self.output_gradient(module, g.to(dtype)) for g in grads])
 
     def per_example_gradients(self, prepared, grads, index):
         a, layout = prepared
-        per_example = torch.einsum("brgo,brgi->bgoi", grads[index], a[index])
-        flat = layout.flat_index().to(a.device).reshape(-1)
-        out = a.new_zeros(per_example.shape[0], flat.numel())
-        return out.index_copy_(1, flat, per_example.reshape(per_example.shape[0], -1))
+        g = grads[index]
+        parts = [torch.einsum("brgo,brgi->bgoi", g, a[index]).flatten(1)] if layout.has_weight else []
+        if layout.has_bias:
+            parts.append(g.sum(dim=1).flatten(1))
+        return parts
 
     def diagonal(self, prepared, grads):
         a, layout = prepared
-        if a.shape[1] != 1:  # positions or repeated calls: square after summing per example
+        if grads.shape[1] != 1:  # positions or repeated calls: square after summing per example
             return None
-        diag = torch.einsum("bgo,bgi->goi", grads[:, 0].square(), a[:, 0].square())
-        flat = layout.flat_index().to(a.device).reshape(-1)
-        return a.new_zeros(flat.numel()).index_copy_(0, flat, diag.reshape(-1))
+        squared = grads[:, 0].square()
+        parts = [torch.einsum("bgo,bgi->goi", squared, a[:, 0].square()).flatten()] if layout.has_weight else []
+        if layout.has_bias:
+            parts.append(squared.sum(dim=0).flatten())
+        return _cat(parts, dim=0)
 
     @staticmethod
-    def input_factor(prepared, approx: str) -> Tensor:
-        """A (groups, d_in, d_in): mean over examples (expand: and positions) of a a^T."""
-        a, _ = prepared
-        if approx == "reduce":
-            mean = a.mean(dim=1)
-            return torch.einsum("bgi,bgj->gij", mean, mean) / a.shape[0]
-        return torch.einsum("brgi,brgj->gij", a, a) / (a.shape[0] * a.shape[1])
+    def input_factor(prepared, grads: Tensor, approx: str) -> Tensor:
+        """A (groups, d_in, d_in): mean over examples (expand: and positions) of [a, 1] [a, 1]^T."""
+        a, layout = prepared
+        batch, positions, groups = grads.shape[:3]
+        if a is None:  # bias only: the input side is the constant 1
+            rows = grads.new_ones(batch, groups, 0)
+        else:
+            rows = a.mean(dim=1) if approx == "reduce" else a.reshape(batch * positions, groups, layout.in_features)
+        if layout.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], groups, 1)], dim=2)
+        count = rows.shape[0]
+        if count < rows.shape[2]:  # scale whichever side is smaller
+            return torch.einsum("ngi,ngj->gij", rows / count, rows)
+        return torch.einsum("ngi,ngj->gij", rows, rows).div_(count)
 
     @staticmethod
     def output_factor(grads: Tensor, approx: str) -> Tensor:
@@ -119,6 +126,11 @@ class AffineRule(ModuleRule):
             total = grads.sum(dim=1)
             return torch.einsum("bgo,bgp->gop", total, total)
         return torch.einsum("brgo,brgp->gop", grads, grads)
+
+
+def _cat(tensors: list[Tensor], dim: int = 1) -> Tensor:
+    """torch.cat that does not copy a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _affine_layout(module, trainable, groups, out_features, in_features) -> AffineLayout:
@@ -144,26 +156,36 @@ class ConvRule(AffineRule):
     def supports(self, module):
         return module.padding_mode == "zeros"
 
-    def _padding(self, module) -> list[int]:
-        """F.pad amounts (last dimension first) that reproduce the module's padding."""
-        pads = []
-        for dim in reversed(range(len(module.kernel_size))):
+    def _padding(self, module) -> tuple[list[int], list[int]]:
+        """(before, after) zero padding per spatial dimension that reproduces the module's."""
+        before, after = [], []
+        for dim, kernel in enumerate(module.kernel_size):
             if module.padding == "valid":
                 left = right = 0
             elif module.padding == "same":
-                total = module.dilation[dim] * (module.kernel_size[dim] - 1)
+                total = module.dilation[dim] * (kernel - 1)
                 left, right = total // 2, total - total // 2
             else:
                 left = right = module.padding[dim]
-            pads += [left, right]
-        return pads
+            before.append(left)
+            after.append(right)
+        return before, after
 
     def patches(self, module, x):
-        x = F.pad(x, self._padding(module))
+        before, after = self._padding(module)
+        if before != after:  # asymmetric "same" padding: pad explicitly
+            x = F.pad(x, [p for pair in zip(reversed(before), reversed(after)) for p in pair])
+            before = [0] * len(before)
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
         if len(kernel) == 1:  # Conv1d as a Conv2d of height 1
-            x, kernel, dilation, stride = x.unsqueeze(2), (1, *kernel), (1, *dilation), (1, *stride)
-        cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C * prod(kernel), R)
+            x, kernel, dilation, stride, before = (
+                x.unsqueeze(2),
+                (1, *kernel),
+                (1, *dilation),
+                (1, *stride),
+                [0, *before],
+            )
+        cols = F.unfold(x, kernel, dilation=dilation, padding=before, stride=stride)  # (B, C * prod(kernel), R)
         groups = module.groups
         return cols.view(x.shape[0], groups, -1, cols.shape[-1]).permute(0, 3, 1, 2)
 
@@ -201,17 +223,17 @@ class NormRule(ModuleRule):
         return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)
 
     def prepare(self, module, inputs, trainable, dtype):
-        x_hat = torch.cat([self._features(module, self._normalized(module, x.to(dtype))) for x in inputs], dim=1)
+        x_hat = _cat([self._features(module, self._normalized(module, x.to(dtype))) for x in inputs])
         return x_hat, trainable
 
     def output_gradients(self, module, grads, dtype):
-        return torch.cat([self._features(module, g.to(dtype)) for g in grads], dim=1)
+        return _cat([self._features(module, g.to(dtype)) for g in grads])
 
     def per_example_gradients(self, prepared, grads, index):
         x_hat, trainable = prepared
         g = grads[index]
-        parts = {"weight": (g * x_hat[index]).sum(dim=1), "bias": g.sum(dim=1)}
-        return torch.cat([parts[name] for name in trainable], dim=1)
+        parts = {"weight": lambda: (g * x_hat[index]).sum(dim=1), "bias": lambda: g.sum(dim=1)}
+        return [parts[name]() for name in trainable]
 
 
 class EmbeddingRule(ModuleRule):
@@ -221,14 +243,14 @@ class EmbeddingRule(ModuleRule):
         return not module.scale_grad_by_freq
 
     def prepare(self, module, inputs, trainable, dtype):
-        index = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1)
+        index = _cat([x.reshape(x.shape[0], -1) for x in inputs])
         keep = torch.ones_like(index, dtype=torch.bool)
         if module.padding_idx is not None:
             keep = index != module.padding_idx
         return index, keep, module.num_embeddings
 
     def output_gradients(self, module, grads, dtype):
-        return torch.cat([g.to(dtype).reshape(g.shape[0], -1, g.shape[-1]) for g in grads], dim=1)
+        return _cat([g.to(dtype).reshape(g.shape[0], -1, g.shape[-1]) for g in grads])
 
     def per_example_gradients(self, prepared, grads, index):
         rows, keep, num = prepared
@@ -236,7 +258,7 @@ class EmbeddingRule(ModuleRule):
         batch = torch.arange(g.shape[0], device=g.device).unsqueeze(1).expand_as(rows[index])
         out = g.new_zeros(g.shape[0], num, g.shape[-1])
         out.index_put_((batch, rows[index]), g, accumulate=True)
-        return out.reshape(g.shape[0], -1)
+        return [out.reshape(g.shape[0], -1)]
 
     def diagonal(self, prepared, grads):
         rows, keep, num = prepared
