@@ -97,7 +97,18 @@ class Block(ABC):
         return f"{type(self).__name__}({', '.join(self.names)}; {self.numel} parameters)"
 
 
-class DiagBlock(Block):
+class _SingleTensorBlock(Block):
+    """A block held in one tensor, so that sums and scalings act on that tensor."""
+
+    def __add__(self, other: Block) -> Block:
+        self._check_same(other)
+        return type(self)(self.names, self.shapes, self.tensors()[0] + other.tensors()[0])
+
+    def __mul__(self, scale: float) -> Block:
+        return type(self)(self.names, self.shapes, self.tensors()[0] * scale)
+
+
+class DiagBlock(_SingleTensorBlock):
     """Diagonal block: ``values`` (P_m,)."""
 
     structure = "diag"
@@ -115,15 +126,8 @@ class DiagBlock(Block):
     def tensors(self) -> list[Tensor]:
         return [self.values]
 
-    def __add__(self, other: Block) -> DiagBlock:
-        self._check_same(other)
-        return DiagBlock(self.names, self.shapes, self.values + other.values)
 
-    def __mul__(self, scale: float) -> DiagBlock:
-        return DiagBlock(self.names, self.shapes, self.values * scale)
-
-
-class DenseBlock(Block):
+class DenseBlock(_SingleTensorBlock):
     """Dense block: ``matrix`` (P_m, P_m)."""
 
     structure = "full"
@@ -140,13 +144,6 @@ class DenseBlock(Block):
 
     def tensors(self) -> list[Tensor]:
         return [self.matrix]
-
-    def __add__(self, other: Block) -> DenseBlock:
-        self._check_same(other)
-        return DenseBlock(self.names, self.shapes, self.matrix + other.matrix)
-
-    def __mul__(self, scale: float) -> DenseBlock:
-        return DenseBlock(self.names, self.shapes, self.matrix * scale)
 
 
 @dataclass(frozen=True)

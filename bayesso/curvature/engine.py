@@ -227,25 +227,24 @@ class CurvatureEngine:
             return {}
         prepared = {u.name: u.rule.prepare(u.module, recorder.inputs(u.name), u.local, self.dtype) for u in units}
         totals: dict[str, Tensor] = {}
-        last_grads: dict[str, Tensor] = {}
         targets = [t for u in units for t in recorder.gradient_targets(u.name, [getattr(u.module, n) for n in u.local])]
         for k, vector in enumerate(vectors):
-            torch.autograd.grad(
-                outputs,
-                targets,
-                grad_outputs=vector.to(outputs.dtype),
-                retain_graph=k + 1 < len(vectors),
-                allow_unused=True,
-            )
+            if targets:  # else no tracked output reaches the loss: all output gradients are zero
+                torch.autograd.grad(
+                    outputs,
+                    targets,
+                    grad_outputs=vector.to(outputs.dtype),
+                    retain_graph=k + 1 < len(vectors),
+                    allow_unused=True,
+                )
             for u in units:
                 grads = u.rule.output_gradients(u.module, recorder.take_grads(u.name), self.dtype)
                 total = self._accumulate(u, prepared[u.name], grads)
-                totals[u.name] = total if u.name not in totals else totals[u.name] + total
-                last_grads[u.name] = grads
+                totals[u.name] = total if u.name not in totals else totals[u.name].add_(total)
         blocks = {}
         for u in units:
             if self._structure(u) == "kron":
-                A = AffineRule.input_factor(prepared[u.name], last_grads[u.name], self.kfac_approx)
+                A = AffineRule.input_factor(prepared[u.name], self.kfac_approx)
                 blocks[u.name] = KronBlock(u.names, u.shapes, A, totals[u.name], len(outputs), prepared[u.name][1])
             else:
                 blocks[u.name] = self._block(u, totals[u.name])
@@ -281,9 +280,9 @@ class CurvatureEngine:
         for index in _chunks(vectors.shape[1], sum(sizes) * vectors.shape[0]):
             per_example = per_example_gradients(self.module, inputs, names, vectors, index).to(self.dtype)
             per_example = per_example.reshape(-1, per_example.shape[-1])
-            for i, (_unit, part) in enumerate(zip(units, per_example.split(sizes, dim=1))):
+            for i, part in enumerate(per_example.split(sizes, dim=1)):
                 value = part.square().sum(0) if diagonal else part.T @ part
-                totals[i] = value if totals[i] is None else totals[i] + value
+                totals[i] = value if totals[i] is None else totals[i].add_(value)
         return {u.name: self._block(u, total) for u, total in zip(units, totals)}
 
     def _warn_training_batchnorm(self) -> None:

@@ -58,7 +58,7 @@ class AffineRule(ModuleRule):
     """Modules computing out = W a (+ b) per position and group: Linear and convolutions.
 
     ``prepare`` gives the input vectors a of shape (B, R, groups, in_features)
-    (positions R of all calls concatenated; None if the weight is frozen) and
+    (positions R of all calls concatenated; (B, 1, groups, 0) if the weight is frozen) and
     ``output_gradients`` the output gradients (B, R, groups, out_features). Weight
     entries come out in ``W.flatten()`` order (group, out, in), then the bias.
     """
@@ -79,7 +79,10 @@ class AffineRule(ModuleRule):
 
     def prepare(self, module, inputs, trainable, dtype):
         layout = self.layout(module, trainable)
-        a = _cat([self.patches(module, x.to(dtype)) for x in inputs]) if layout.has_weight else None
+        if layout.has_weight:
+            a = _cat([self.patches(module, x.to(dtype)) for x in inputs])
+        else:  # bias only: no input vectors; the input side of K-FAC is the constant 1
+            a = inputs[0].new_zeros(inputs[0].shape[0], 1, layout.groups, 0, dtype=dtype)
         return a, layout
 
     def output_gradients(self, module, grads, dtype):
@@ -104,14 +107,11 @@ class AffineRule(ModuleRule):
         return _cat(parts, dim=0)
 
     @staticmethod
-    def input_factor(prepared, grads: Tensor, approx: str) -> Tensor:
+    def input_factor(prepared, approx: str) -> Tensor:
         """A (groups, d_in, d_in): mean over examples (expand: and positions) of [a, 1] [a, 1]^T."""
         a, layout = prepared
-        batch, positions, groups = grads.shape[:3]
-        if a is None:  # bias only: the input side is the constant 1
-            rows = grads.new_ones(batch, groups, 0)
-        else:
-            rows = a.mean(dim=1) if approx == "reduce" else a.reshape(batch * positions, groups, layout.in_features)
+        batch, positions, groups, features = a.shape
+        rows = a.mean(dim=1) if approx == "reduce" else a.reshape(batch * positions, groups, features)
         if layout.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], groups, 1)], dim=2)
         count = rows.shape[0]
