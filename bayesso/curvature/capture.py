@@ -1,99 +1,92 @@
-"""Forward hooks that record each call's input and capture the gradient of its output."""
+"""``CurvatureCapture``: the curvature of a training step that the user's own code runs.
+
+Optimizers call a closure that runs the forward and ``loss.backward()``; by the
+time it returns, the graph is freed. The capture records module inputs and output
+gradients with hooks during that step. For ``fisher_emp`` the user's backward
+gives the per-example gradients (times 1/B, for the batch-mean loss). For
+``fisher_mc`` and ``ggn`` a tensor hook on the model output runs the extra backward
+passes re-entrantly, at the start of the user's backward while the graph is intact.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["Call", "CallRecorder"]
+from bayesso.curvature.accumulator import StatisticAccumulator, backward_vectors
+from bayesso.curvature.curvature import Curvature
+from bayesso.curvature.recorder import CallRecorder
 
+if TYPE_CHECKING:
+    from bayesso.curvature.engine import CurvatureEngine
 
-@dataclass
-class Call:
-    """One call of a module: its input, and the gradient of its output in the last backward pass."""
-
-    input: Tensor
-    version: int
-    output: Tensor = field(repr=False)
-    output_version: int
-    grad: Tensor | None = field(default=None, repr=False)
-
-    def take_grad(self) -> Tensor:
-        """The captured output gradient (zeros if the output did not reach the loss), then forget it."""
-        grad = self.grad
-        self.grad = None
-        if grad is None:
-            return torch.zeros_like(self.output)
-        return grad
+__all__ = ["CurvatureCapture"]
 
 
-class CallRecorder:
-    """Context manager recording the calls of ``modules`` (name -> module) during a forward pass.
+class CurvatureCapture:
+    """Context manager made by ``CurvatureEngine.capture``; ``curvature()`` after the step."""
 
-    The output gradient is captured by a tensor hook registered on the output, so it
-    is the gradient with respect to the output as the module returned it, even if a
-    later in-place op (``ReLU(inplace=True)``) modifies that tensor. Forward hooks are
-    removed on exit, also when the forward raises; tensor hooks die with the graph.
-    """
+    def __init__(self, engine: CurvatureEngine, generator: torch.Generator | None) -> None:
+        self.engine, self.generator = engine, generator
+        self._inputs: tuple[Tensor, ...] | None = None
+        self._outputs: Tensor | None = None
+        self._output_grad: Tensor | None = None
+        self._vectors: Tensor | None = None
+        self._accumulator: StatisticAccumulator | None = None
+        self._in_passes = False
 
-    def __init__(self, modules: dict[str, nn.Module], batch_size: int) -> None:
-        self.modules = modules
-        self.batch_size = batch_size
-        self.calls: dict[str, list[Call]] = {name: [] for name in modules}
-        self._handles: list = []
-
-    def __enter__(self) -> CallRecorder:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+    def __enter__(self) -> CurvatureCapture:
+        hooked = {p.name: p.module for p in self.engine.plans if p.rule is not None}
+        self._recorder = CallRecorder(hooked, batch_size=None).__enter__()
+        self._handle = self.engine.module.register_forward_hook(self._on_forward)
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._handle.remove()
+        self._recorder.__exit__(*exc)
 
-    def _hook(self, name: str):
-        def record(module: nn.Module, args: tuple, output: Tensor) -> None:
-            x = args[0] if args else None
-            if not isinstance(x, Tensor) or not isinstance(output, Tensor):
-                raise ValueError(f"module {name!r} must take and return tensors to be tracked by its rule")
-            if x.ndim == 0 or x.shape[0] != self.batch_size or output.ndim == 0 or output.shape[0] != self.batch_size:
-                raise ValueError(
-                    f"module {name!r} ({type(module).__name__}) was called on input of shape {tuple(x.shape)} "
-                    f"with output {tuple(output.shape)}; the curvature rules need the batch ({self.batch_size}) "
-                    "in dimension 0. Exclude the module with modules=... to use the generic fallback for it."
-                )
-            call = Call(x, x._version, output, output._version)
-            if output.requires_grad:
-                output.register_hook(lambda grad: setattr(call, "grad", grad))
-            self.calls[name].append(call)
+    def _on_forward(self, module, args: tuple, output) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if self._outputs is not None:
+            raise ValueError("the model was called more than once with gradients enabled inside one capture")
+        if not isinstance(output, Tensor) or not all(isinstance(a, Tensor) for a in args):
+            raise ValueError("the captured model must take tensor arguments and return a tensor of outputs")
+        self._inputs, self._outputs = args, output
+        self.engine._warn_training_batchnorm()
+        output.register_hook(self._on_output_grad)
 
-        return record
+    def _on_output_grad(self, grad: Tensor) -> None:
+        if self._in_passes:
+            return
+        self._output_grad = grad.detach()
+        if self.engine.kind == "fisher_emp":
+            return
+        engine = self.engine
+        outputs = self._outputs.detach().to(engine.dtype)
+        self._vectors = backward_vectors(
+            engine.likelihood, engine.kind, outputs, None, self.generator, engine.mc_samples
+        )
+        self._in_passes = True
+        try:
+            self._accumulator = engine._accumulator(self._recorder)
+            engine._run_passes(self._accumulator, self._recorder, self._outputs, self._vectors, retain_graph=True)
+        finally:
+            self._in_passes = False
 
-    def inputs(self, name: str) -> list[Tensor]:
-        """Inputs of every call of module ``name``, checked to be unmodified since the call."""
-        for call in self.calls[name]:
-            if call.input._version != call.version:
-                raise RuntimeError(
-                    f"the input of module {name!r} was modified in place after the module used it; "
-                    "its curvature cannot be computed from it"
-                )
-        return [call.input.detach() for call in self.calls[name]]
-
-    def gradient_targets(self, name: str, params: list[Tensor]) -> list[Tensor]:
-        """What to differentiate for module ``name``'s output gradients: its outputs, or ``params``.
-
-        Differentiating with respect to the outputs skips the weight-gradient products;
-        an output modified in place since the call is no longer the tensor the hook
-        watches, so the module's parameters are requested instead (the hook still fires).
-        """
-        calls = [c for c in self.calls[name] if c.output.requires_grad]
-        if all(c.output._version == c.output_version for c in calls):
-            return [c.output for c in calls]
-        return params
-
-    def take_grads(self, name: str) -> list[Tensor]:
-        """Output gradients of every call of module ``name`` from the last backward pass."""
-        return [call.take_grad() for call in self.calls[name]]
+    def curvature(self) -> Curvature:
+        """Curvature of the summed NLL of the captured batch."""
+        if self._output_grad is None:
+            raise RuntimeError(
+                "no backward pass reached the model output inside the capture: the step must compute its loss "
+                "from the model's output and call backward on it"
+            )
+        batch_size = self._outputs.shape[0]
+        if self.engine.kind == "fisher_emp":
+            self._vectors = (self._output_grad * batch_size).to(self.engine.dtype).unsqueeze(0)
+            self._accumulator = self.engine._accumulator(self._recorder)
+            self._accumulator.add(self._recorder, scale=float(batch_size))
+        vectors = self._vectors.to(self._outputs.dtype)
+        return self.engine._assemble(self._accumulator, self._inputs, vectors, batch_size)

@@ -16,52 +16,26 @@ Blocks are per module (block-diagonal over modules).
 
 from __future__ import annotations
 
-import logging
-import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from bayesso.curvature.blocks import Block, DenseBlock, DiagBlock, KronBlock
-from bayesso.curvature.capture import CallRecorder
+from bayesso.curvature.accumulator import StatisticAccumulator, backward_vectors, dense_or_diag_block, fallback_blocks
+from bayesso.curvature.blocks import Block
+from bayesso.curvature.capture import CurvatureCapture
 from bayesso.curvature.curvature import Curvature
-from bayesso.curvature.fallback import per_example_gradients
 from bayesso.curvature.hessian import hessian_blocks
-from bayesso.curvature.modules import AffineRule, ModuleRule, rule_for
+from bayesso.curvature.plan import ModulePlan, plan_modules, trainable_parameters
+from bayesso.curvature.recorder import CallRecorder
 from bayesso.likelihoods import Likelihood, get_likelihood
 
 __all__ = ["KINDS", "STRUCTURES", "CurvatureEngine"]
 
-logger = logging.getLogger(__name__)
-
 KINDS = ("ggn", "fisher_mc", "fisher_emp", "hessian")
 STRUCTURES = ("diag", "kron", "full")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
-
-
-@dataclass
-class _Unit:
-    """A module's trainable parameters that form one block."""
-
-    name: str
-    module: nn.Module
-    rule: ModuleRule | None  # None: generic fallback
-    local: tuple[str, ...]  # parameter names within the module
-    shapes: tuple[torch.Size, ...]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(f"{self.name}.{n}" if self.name else n for n in self.local)
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    def label(self) -> str:
-        return f"{self.name or '(root)'!r} ({type(self.module).__name__})"
 
 
 class CurvatureEngine:
@@ -105,7 +79,7 @@ class CurvatureEngine:
         self.module = module
         self.likelihood = get_likelihood(likelihood)
         self.kind, self.structure, self.kfac_approx, self.mc_samples = kind, structure, kfac_approx, mc_samples
-        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        trainable = trainable_parameters(module)
         if not trainable:
             raise ValueError("module has no trainable parameters (all have requires_grad=False)")
         self.parameter_names = tuple(n for n, _ in trainable)
@@ -113,58 +87,38 @@ class CurvatureEngine:
         if dtype is None:
             dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in trainable) else torch.float32
         self.dtype = dtype
-        self.units = self._units(_selected(module, modules))
+        self.plans = plan_modules(module, modules, use_rules=kind != "hessian")
         self._check_sizes(max_dense_bytes)
         self._warned: set[str] = set()
-        fallback = [u for u in self.units if u.rule is None]
+        fallback = [p for p in self.plans if p.rule is None]
         if fallback and kind != "hessian":
             self._warn_fallback(fallback, "no curvature rule, or parameters shared with another module")
-
-    def _units(self, selected: set[str]) -> list[_Unit]:
-        owner: dict[int, str] = {}
-        users: dict[int, set[int]] = {}
-        for name, module in self.module.named_modules():
-            for p in module.parameters(recurse=False):
-                owner.setdefault(id(p), name)
-                users.setdefault(id(p), set()).add(id(module))
-        units = []
-        for name, module in self.module.named_modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            own = [(n, p) for n, p in own if owner[id(p)] == name]
-            if name not in selected or not own:
-                continue
-            shared = any(len(users[id(p)]) > 1 for p in module.parameters(recurse=False))
-            rule = None if shared or self.kind == "hessian" else rule_for(module)
-            units.append(_Unit(name, module, rule, tuple(n for n, _ in own), tuple(p.shape for _, p in own)))
-        if not units:
-            raise ValueError("the selected modules have no trainable parameters")
-        return units
 
     def _check_sizes(self, max_dense_bytes: int) -> None:
         if self.structure != "full" and self.kind != "hessian":
             return
         itemsize = torch.finfo(self.dtype).bits // 8
-        for unit in self.units:
-            size = unit.numel**2 * itemsize
+        for plan in self.plans:
+            size = plan.numel**2 * itemsize
             if size > max_dense_bytes:
                 what = "a Hessian block, one Hessian-vector product per parameter," if self.kind == "hessian" else ""
                 raise ValueError(
-                    f"structure={self.structure!r} with kind={self.kind!r} needs {what} a {unit.numel:,} x "
-                    f"{unit.numel:,} block for module {unit.label()}: {size / 2**30:.2f} GiB in {self.dtype}, above "
+                    f"structure={self.structure!r} with kind={self.kind!r} needs {what} a {plan.numel:,} x "
+                    f"{plan.numel:,} block for module {plan.label()}: {size / 2**30:.2f} GiB in {self.dtype}, above "
                     f"max_dense_bytes={max_dense_bytes / 2**30:.2f} GiB. Use structure='kron' or 'diag' with kind="
                     "'ggn', restrict the engine with modules=..., or raise max_dense_bytes."
                 )
 
-    def _warn_fallback(self, units: list[_Unit], reason: str) -> None:
-        new = [u for u in units if u.name not in self._warned]
+    def _warn_fallback(self, plans: list[ModulePlan], reason: str) -> None:
+        new = [p for p in plans if p.name not in self._warned]
         if not new:
             return
-        self._warned.update(u.name for u in new)
+        self._warned.update(p.name for p in new)
         note = "; structure 'kron' falls back to 'diag' for them" if self.structure == "kron" else ""
         warnings.warn(
-            f"curvature of {', '.join(u.label() for u in new)} uses the generic torch.func fallback "
+            f"curvature of {', '.join(p.label() for p in new)} uses the generic torch.func fallback "
             f"(per-example gradients through the whole model; {reason}){note}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def compute(
@@ -179,117 +133,77 @@ class CurvatureEngine:
         batch_size = _check_batch(inputs, y)
         self.likelihood.check_targets(y)
         if self.kind == "hessian":
-            blocks = {u.name: list(u.names) for u in self.units}
+            names = {p.name: list(p.names) for p in self.plans}
             values = hessian_blocks(
-                self.module, self.likelihood, inputs, y, blocks, self.structure == "diag", self.dtype
+                self.module, self.likelihood, inputs, y, names, self.structure == "diag", self.dtype
             )
-            return self._curvature({u.name: self._block(u, values[u.name]) for u in self.units}, batch_size)
-        hooked = {u.name: u.module for u in self.units if u.rule is not None}
+            return self._curvature({p.name: dense_or_diag_block(p, values[p.name]) for p in self.plans}, batch_size)
+        hooked = {p.name: p.module for p in self.plans if p.rule is not None}
         with CallRecorder(hooked, batch_size) as recorder, torch.enable_grad():
             outputs = self.module(*inputs)
         self.likelihood.check(outputs, y)
         self._warn_training_batchnorm()
-        vectors = self._backward_vectors(outputs.detach().to(self.dtype), y, generator)
-        called = [u for u in self.units if u.rule is not None and recorder.calls[u.name]]
-        uncalled = [u for u in self.units if u.rule is not None and not recorder.calls[u.name]]
+        vectors = backward_vectors(
+            self.likelihood, self.kind, outputs.detach().to(self.dtype), y, generator, self.mc_samples
+        )
+        accumulator = self._accumulator(recorder)
+        self._run_passes(accumulator, recorder, outputs, vectors, retain_graph=False)
+        return self._assemble(accumulator, inputs, vectors.to(outputs.dtype), batch_size)
+
+    def capture(self, generator: torch.Generator | None = None) -> CurvatureCapture:
+        """Context manager recording the curvature of a training step run inside it.
+
+        Inside, run exactly one forward of the model with gradients enabled and a
+        backward of a loss computed from its output; ``fisher_emp`` takes the gradients
+        of that backward, which must be of the batch MEAN of the NLL (PyTorch's default
+        reduction), while ``fisher_mc`` and ``ggn`` run their own passes through the
+        same graph before it is freed. Then ``capture.curvature()`` gives the curvature
+        of the summed NLL of that batch.
+        """
+        if self.kind == "hessian":
+            raise ValueError("capture() supports kind 'ggn', 'fisher_mc' or 'fisher_emp', got kind='hessian'")
+        return CurvatureCapture(self, generator)
+
+    def _accumulator(self, recorder: CallRecorder) -> StatisticAccumulator:
+        with_rule = [p for p in self.plans if p.rule is not None]
+        uncalled = [p for p in with_rule if not recorder.calls[p.name]]
         if uncalled:
             self._warn_fallback(uncalled, "not called through its own forward")
-        blocks = self._hooked_blocks(called, recorder, outputs, vectors)
-        rest = [u for u in self.units if u.name not in blocks]
-        blocks.update(self._fallback_blocks(rest, inputs, vectors.to(outputs.dtype)))
-        return self._curvature({u.name: blocks[u.name] for u in self.units}, batch_size)
+        called = [p for p in with_rule if recorder.calls[p.name]]
+        return StatisticAccumulator(called, recorder, self.structure, self.kfac_approx, self.dtype)
 
-    def _curvature(self, blocks: dict[str, Block], batch_size: int) -> Curvature:
-        return Curvature(blocks, self.parameter_names, self.parameter_shapes, self.kind, batch_size)
-
-    def _structure(self, unit: _Unit) -> str:
-        if self.structure == "kron" and not (unit.rule is not None and unit.rule.has_kron):
-            return "diag"
-        return self.structure
-
-    def _block(self, unit: _Unit, value: Tensor) -> Block:
-        cls = DiagBlock if value.ndim == 1 else DenseBlock
-        return cls(unit.names, unit.shapes, value)
-
-    def _backward_vectors(self, outputs: Tensor, targets: Tensor, generator) -> Tensor:
-        """Vectors v_k (K, *outputs.shape) whose per-example outer products sum to the curvature."""
-        lik = self.likelihood
-        if self.kind == "fisher_emp":
-            return lik.gradient(outputs, targets).unsqueeze(0)
-        if self.kind == "fisher_mc":
-            samples = [lik.gradient(outputs, lik.sample(outputs, generator)) for _ in range(self.mc_samples)]
-            return torch.stack(samples) / math.sqrt(self.mc_samples)
-        root = lik.hessian_sqrt(outputs)  # (B, O, K)
-        return root.permute(2, 0, 1).reshape(root.shape[2], *outputs.shape)
-
-    def _hooked_blocks(self, units: list[_Unit], recorder: CallRecorder, outputs: Tensor, vectors: Tensor):
-        if not units:
-            return {}
-        prepared = {u.name: u.rule.prepare(u.module, recorder.inputs(u.name), u.local, self.dtype) for u in units}
-        totals: dict[str, Tensor] = {}
-        targets = [t for u in units for t in recorder.gradient_targets(u.name, [getattr(u.module, n) for n in u.local])]
+    def _run_passes(
+        self, accumulator: StatisticAccumulator, recorder: CallRecorder, outputs: Tensor, vectors: Tensor, retain_graph
+    ) -> None:
+        """One backward pass per vector through the recorded graph, adding each pass's statistics."""
+        targets = [t for p in accumulator.plans for t in recorder.gradient_targets(p.name, p.parameters)]
         for k, vector in enumerate(vectors):
             if targets:  # else no tracked output reaches the loss: all output gradients are zero
                 torch.autograd.grad(
                     outputs,
                     targets,
                     grad_outputs=vector.to(outputs.dtype),
-                    retain_graph=k + 1 < len(vectors),
+                    retain_graph=retain_graph or k + 1 < len(vectors),
                     allow_unused=True,
                 )
-            for u in units:
-                grads = u.rule.output_gradients(u.module, recorder.take_grads(u.name), self.dtype)
-                total = self._accumulate(u, prepared[u.name], grads)
-                totals[u.name] = total if u.name not in totals else totals[u.name].add_(total)
-        blocks = {}
-        for u in units:
-            if self._structure(u) == "kron":
-                A = AffineRule.input_factor(prepared[u.name], self.kfac_approx)
-                blocks[u.name] = KronBlock(u.names, u.shapes, A, totals[u.name], len(outputs), prepared[u.name][1])
-            else:
-                blocks[u.name] = self._block(u, totals[u.name])
-        return blocks
+            accumulator.add(recorder)
 
-    def _accumulate(self, unit: _Unit, prepared, grads) -> Tensor:
-        """This backward vector's contribution: G increment, diagonal or dense block."""
-        structure = self._structure(unit)
-        if structure == "kron":
-            return AffineRule.output_factor(grads, self.kfac_approx)
-        if structure == "diag":
-            fast = unit.rule.diagonal(prepared, grads)
-            if fast is not None:
-                return fast
-        total = None
-        for index in _chunks(len(grads), unit.numel):
-            parts = unit.rule.per_example_gradients(prepared, grads, index)
-            if structure == "diag":
-                part = torch.cat([p.square().sum(dim=0) for p in parts])
-            else:
-                per_example = torch.cat(parts, dim=1)
-                part = per_example.T @ per_example
-            total = part if total is None else total.add_(part)
-        return total
+    def _assemble(
+        self, accumulator: StatisticAccumulator, inputs: tuple[Tensor, ...], vectors: Tensor, batch_size: int
+    ) -> Curvature:
+        blocks = accumulator.blocks(batch_size)
+        rest = [p for p in self.plans if p.name not in blocks]
+        blocks.update(fallback_blocks(self.module, rest, inputs, vectors, self.structure, self.dtype))
+        return self._curvature({p.name: blocks[p.name] for p in self.plans}, batch_size)
 
-    def _fallback_blocks(self, units: list[_Unit], inputs: tuple[Tensor, ...], vectors: Tensor):
-        if not units:
-            return {}
-        names = [n for u in units for n in u.names]
-        sizes = [u.numel for u in units]
-        diagonal = self.structure != "full"
-        totals: list[Tensor | None] = [None] * len(units)
-        for index in _chunks(vectors.shape[1], sum(sizes) * vectors.shape[0]):
-            per_example = per_example_gradients(self.module, inputs, names, vectors, index).to(self.dtype)
-            per_example = per_example.reshape(-1, per_example.shape[-1])
-            for i, part in enumerate(per_example.split(sizes, dim=1)):
-                value = part.square().sum(0) if diagonal else part.T @ part
-                totals[i] = value if totals[i] is None else totals[i].add_(value)
-        return {u.name: self._block(u, total) for u, total in zip(units, totals)}
+    def _curvature(self, blocks: dict[str, Block], batch_size: int) -> Curvature:
+        return Curvature(blocks, self.parameter_names, self.parameter_shapes, self.kind, batch_size)
 
     def _warn_training_batchnorm(self) -> None:
         if "batchnorm" in self._warned:
             return
         training = [
-            u.label() for u in self.units if isinstance(u.module, nn.modules.batchnorm._BatchNorm) and u.module.training
+            p.label() for p in self.plans if isinstance(p.module, nn.modules.batchnorm._BatchNorm) and p.module.training
         ]
         if training:
             self._warned.add("batchnorm")
@@ -297,38 +211,19 @@ class CurvatureEngine:
                 f"batch-norm modules {', '.join(training)} are in training mode: examples are coupled through "
                 "batch statistics, so per-example curvature is an approximation; call module.eval() for exact "
                 "curvature",
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def __repr__(self) -> str:
         return (
             f"CurvatureEngine(kind={self.kind!r}, structure={self.structure!r}, likelihood={self.likelihood!r}, "
-            f"modules=[{', '.join(u.label() for u in self.units)}])"
+            f"modules=[{', '.join(p.label() for p in self.plans)}])"
         )
 
 
 def _check_choice(argument: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{argument} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _selected(module: nn.Module, modules) -> set[str]:
-    names = {id(m): n for n, m in module.named_modules()}
-    if modules is None:
-        return set(names.values())
-    if modules == "last_layer":
-        with_params = [n for n, m in module.named_modules() if any(p.requires_grad for p in m.parameters(False))]
-        return {with_params[-1]} if with_params else set()
-    if isinstance(modules, str):
-        raise ValueError(f"modules must be None, 'last_layer' or an iterable of names/modules, got {modules!r}")
-    selected = set()
-    known = set(names.values())
-    for item in modules:
-        name = names.get(id(item)) if isinstance(item, nn.Module) else item
-        if name not in known:
-            raise ValueError(f"modules contains {item!r}, which is not a submodule of the model")
-        selected.add(name)
-    return selected
 
 
 def _check_batch(inputs: tuple, targets) -> int:
@@ -345,13 +240,3 @@ def _check_batch(inputs: tuple, targets) -> int:
     if targets.shape[0] == 0:
         raise ValueError("the batch is empty (batch size 0)")
     return targets.shape[0]
-
-
-def _chunks(batch_size: int, numel_per_example: int, budget: int = 2**21):
-    """Slices of examples whose per-example gradients hold about ``budget`` numbers.
-
-    Chunks of a few MiB are reused by the allocator; larger fresh buffers are
-    page-fault bound on CPU (measured 3.6x slower at 64 MiB than at 8 MiB).
-    """
-    step = max(1, budget // max(1, numel_per_example))
-    return [slice(start, min(start + step, batch_size)) for start in range(0, batch_size, step)]

@@ -1,45 +1,66 @@
-"""CallRecorder: hooks are removed on errors; modified inputs are detected."""
+"""CurvatureCapture: the curvature of a user's training step equals compute() on the batch."""
 
 import pytest
 import torch
-from torch import nn
 
 from bayesso.curvature import CurvatureEngine
-from bayesso.curvature.capture import CallRecorder
+from tests.cases import CASES, CASES_BY_NAME
+
+TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-def test_hooks_are_removed_when_the_forward_raises():
-    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(3, 2))  # second layer gets the wrong width
-    with pytest.raises(RuntimeError), CallRecorder({"0": model[0], "1": model[1]}, batch_size=4):
-        model(torch.randn(4, 3))
-    assert not model[0]._forward_hooks and not model[1]._forward_hooks
+def mean_nll_step(model, likelihood, x, y):
+    model.zero_grad()
+    loss = likelihood.nll(model(x), y) / len(y)
+    loss.backward()
+    return loss
 
 
-def test_input_modified_in_place_after_use_is_detected():
-    class Mutates(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 2)
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+@pytest.mark.parametrize("kind", ["ggn", "fisher_mc", "fisher_emp"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_capture_equals_compute_and_keeps_the_gradient(case, kind, structure):
+    model, x, y = case.data()
+    engine = CurvatureEngine(model, case.likelihood, kind, structure)
+    with engine.capture(generator=torch.Generator().manual_seed(5)) as capture:
+        mean_nll_step(model, case.likelihood, x, y)
+    captured = capture.curvature()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = engine.compute(x, y, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(captured.to_dense(), expected.to_dense(), **TOL)
+    mean_nll_step(model, case.likelihood, x, y)
+    for grad, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(grad, p.grad, **TOL)
+    assert all(not m._forward_hooks for m in model.modules())
 
-        def forward(self, x):
-            h = torch.tanh(x)
-            out = self.fc(h)
-            h.mul_(2)  # invalidates what the layer saw
-            return out
 
-    with pytest.raises(RuntimeError, match="input of module 'fc' was modified in place"):
-        CurvatureEngine(Mutates(), "classification").compute(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+def test_step_without_backward_is_a_clear_error():
+    case = CASES_BY_NAME["mlp"]
+    model, x, _ = case.data()
+    engine = CurvatureEngine(model, case.likelihood, "fisher_emp", "diag")
+    with engine.capture() as capture:
+        model(x)
+    with pytest.raises(RuntimeError, match="no backward pass reached the model output"):
+        capture.curvature()
 
 
-def test_output_gradient_is_taken_before_in_place_ops():
-    lin = nn.Linear(3, 4)
-    x = torch.randn(5, 3)
-    with CallRecorder({"lin": lin}, batch_size=5) as recorder:
-        out = lin(x)
-    pre = out.detach().clone()
-    torch.relu_(out)
-    weights = torch.arange(4.0)
-    torch.autograd.grad((out * weights).sum(), lin.weight)
-    (grad,) = recorder.take_grads("lin")
-    torch.testing.assert_close(grad, (pre > 0).float() * weights)
-    assert torch.equal(recorder.take_grads("lin")[0], torch.zeros(5, 4))  # taken once
+def test_two_forwards_in_one_capture_are_refused_and_hooks_removed():
+    case = CASES_BY_NAME["mlp"]
+    model, x, y = case.data()
+    engine = CurvatureEngine(model, case.likelihood, "ggn", "diag")
+    with pytest.raises(ValueError, match="called more than once"), engine.capture():
+        model(x)
+        model(x)
+    assert all(not m._forward_hooks for m in model.modules())
+    with engine.capture() as capture:  # forwards without gradients are ignored
+        with torch.no_grad():
+            model(x)
+        mean_nll_step(model, case.likelihood, x, y)
+    assert capture.curvature().n_examples == len(x)
+
+
+def test_hessian_cannot_be_captured():
+    case = CASES_BY_NAME["mlp"]
+    model, _, _ = case.data()
+    with pytest.raises(ValueError, match="capture\\(\\) supports kind .* got kind='hessian'"):
+        CurvatureEngine(model, case.likelihood, "hessian", "diag").capture()
