@@ -1,7 +1,8 @@
 """bayesso: second-order optimization and Bayesian deep learning in PyTorch."""
 
-from bayesso import curvature, likelihoods
+from bayesso import curvature, likelihoods, optim, posteriors, predict
+from bayesso.model import BayesianModel
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "curvature", "likelihoods"]
+__all__ = ["BayesianModel", "__version__", "curvature", "likelihoods", "optim", "posteriors", "predict"]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayesso import BayesianModel
+from bayesso.curvature import CurvatureEngine
 from bayesso.likelihoods import Binary, Classification, Likelihood, Regression
 
 
@@ -216,3 +218,13 @@ CASES = [
 ]
 
 CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+def fitted_bayesian_model(structure: str = "kron", name: str = "mlp"):
+    """A BayesianModel on a zoo case whose statistic is the per-example GGN of a batch of 8."""
+    case = CASES_BY_NAME[name]
+    module, x, y = case.data(batch_size=8)
+    model = BayesianModel(module, case.likelihood, posterior=structure, prior_precision=3.0, dataset_size=50)
+    curvature = CurvatureEngine(module, case.likelihood, "ggn", structure).compute(x, y)
+    model.posterior.update_statistic(curvature * (1 / 8))
+    return model, x, y

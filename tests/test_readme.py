@@ -8,4 +8,6 @@ def test_quick_start_runs(capsys):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     code = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(code, "README.md", "exec"), {})
-    assert "torch.Size([1, 289, 289]) torch.Size([1, 10, 10])" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    accuracy, ece = (float(part.split()[-1]) for part in printed.strip().split(","))
+    assert accuracy > 0.95 and ece < 0.05, printed

@@ -10,6 +10,7 @@ passes re-entrantly, at the start of the user's backward while the graph is inta
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,14 +57,14 @@ class CurvatureCapture:
             raise ValueError("the captured model must take tensor arguments and return a tensor of outputs")
         self._inputs, self._outputs = args, output
         self.engine._warn_training_batchnorm()
-        output.register_hook(self._on_output_grad)
+        output.register_hook(_forward_to(weakref.ref(self)))
 
     def _on_output_grad(self, grad: Tensor) -> None:
         if self._in_passes:
             return
         self._output_grad = grad.detach()
-        if self.engine.kind == "fisher_emp":
-            return
+        if self.engine.kind == "fisher_emp" or not torch.isfinite(self._outputs).all():
+            return  # non-finite outputs: no passes; ``curvature()`` refuses and the caller decides
         engine = self.engine
         outputs = self._outputs.detach().to(engine.dtype)
         self._vectors = backward_vectors(
@@ -83,6 +84,8 @@ class CurvatureCapture:
                 "no backward pass reached the model output inside the capture: the step must compute its loss "
                 "from the model's output and call backward on it"
             )
+        if not torch.isfinite(self._outputs).all():
+            raise FloatingPointError("the model outputs of the captured step contain NaN or infinite values")
         batch_size = self._outputs.shape[0]
         if self.engine.kind == "fisher_emp":
             self._vectors = (self._output_grad * batch_size).to(self.engine.dtype).unsqueeze(0)
@@ -90,3 +93,15 @@ class CurvatureCapture:
             self._accumulator.add(self._recorder, scale=float(batch_size))
         vectors = self._vectors.to(self._outputs.dtype)
         return self.engine._assemble(self._accumulator, self._inputs, vectors, batch_size)
+
+
+def _forward_to(ref: weakref.ref):
+    """A tensor hook calling the referenced capture, held weakly to avoid a leaking cycle
+    output -> hook -> capture -> output (see ``recorder._store_in``)."""
+
+    def hook(grad: Tensor) -> None:
+        capture = ref()
+        if capture is not None:
+            capture._on_output_grad(grad)
+
+    return hook

@@ -95,6 +95,10 @@ class Curvature:
     def __rmul__(self, scale: float) -> Curvature:
         return self * scale
 
+    def clone(self) -> Curvature:
+        """A copy with its own tensors."""
+        return self * 1.0
+
     def ema_(self, other: Curvature, beta: float) -> Curvature:
         """self <- beta * self + (1 - beta) * other, in place (beta weighs the old value)."""
         self._check_same(other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,22 @@ class Call:
         if grad is None:
             return torch.zeros_like(self.output)
         return grad
+
+
+def _store_in(ref: weakref.ref):
+    """A tensor hook saving the gradient into the referenced ``Call``.
+
+    The hook holds the call weakly: a strong reference would close the cycle output ->
+    hook -> call -> output through autograd's C++ hook storage, which Python's garbage
+    collector cannot see, and every recorded step would leak its graph.
+    """
+
+    def store(grad: Tensor) -> None:
+        call = ref()
+        if call is not None:
+            call.grad = grad
+
+    return store
 
 
 class CallRecorder:
@@ -73,7 +90,7 @@ class CallRecorder:
                 )
             call = Call(x, x._version, output, output._version)
             if output.requires_grad:
-                output.register_hook(lambda grad: setattr(call, "grad", grad))
+                output.register_hook(_store_in(weakref.ref(call)))
             self.calls[name].append(call)
 
         return record

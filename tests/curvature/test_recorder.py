@@ -43,3 +43,23 @@ def test_output_gradient_is_taken_before_in_place_ops():
     (grad,) = recorder.take_grads("lin")
     torch.testing.assert_close(grad, (pre > 0).float() * weights)
     assert torch.equal(recorder.take_grads("lin")[0], torch.zeros(5, 4))  # taken once
+
+
+def test_the_graph_is_freed_after_compute_and_after_a_captured_step():
+    """Hooks hold their targets weakly: a cycle through autograd's C++ hooks would leak every graph."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+    outputs = []
+    model[0].register_forward_hook(lambda module, args, output: outputs.append(weakref.ref(output)))
+    for kind in ["fisher_mc", "fisher_emp"]:
+        engine = CurvatureEngine(model, "classification", kind, "kron")
+        engine.compute(x, y)
+        with engine.capture() as capture:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        capture.curvature()
+        del capture
+    gc.collect()
+    assert len(outputs) == 4 and all(ref() is None for ref in outputs)

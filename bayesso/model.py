@@ -1,0 +1,188 @@
+"""``BayesianModel``: a posterior bound to a module's own parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bayesso.likelihoods import Classification, Likelihood, Regression, get_likelihood
+from bayesso.posteriors import POSTERIORS, KroneckerGaussian, Posterior
+from bayesso.predict.predictive import Predictive, mc_predictive
+
+__all__ = ["BayesianModel"]
+
+
+class BayesianModel:
+    """Wraps any ``nn.Module`` with a Gaussian posterior whose mean IS the module's parameters.
+
+    Args:
+        module: the network; nothing is copied or swapped.
+        likelihood: "classification", "binary", "regression" or a ``Likelihood``.
+        posterior: "diag", "kron", "full" or a ``Posterior`` built on ``module``.
+        prior_precision: δ of the prior N(0, I/δ) (a number or {module name: number}).
+        dataset_size: N; ``fit`` fills it from the loader when None.
+        temperature: τ, the weight of the KL term.
+        sigma: observation noise of the "regression" likelihood.
+        modules: restrict the posterior to some modules (names, objects or "last_layer").
+        **posterior_options: e.g. ``kfac_damping`` for "kron", ``max_dense_bytes`` for "full".
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        likelihood: str | Likelihood,
+        posterior: str | Posterior = "diag",
+        prior_precision: float | dict[str, float] = 1.0,
+        dataset_size: int | None = None,
+        temperature: float = 1.0,
+        sigma: float = 1.0,
+        modules: Iterable[str | nn.Module] | str | None = None,
+        **posterior_options,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.likelihood = get_likelihood(likelihood, sigma)
+        if isinstance(posterior, Posterior):
+            if posterior.module is not module:
+                raise ValueError("the posterior was built on a different module")
+            self.posterior = posterior
+        elif posterior in POSTERIORS:
+            self.posterior = POSTERIORS[posterior](
+                module,
+                prior_precision=prior_precision,
+                dataset_size=dataset_size,
+                temperature=temperature,
+                modules=modules,
+                **posterior_options,
+            )
+        else:
+            raise ValueError(f"posterior must be 'diag', 'kron', 'full' or a Posterior, got {posterior!r}")
+
+    @contextmanager
+    def sample_parameters(self, generator: torch.Generator | None = None) -> Iterator[None]:
+        """Put one posterior sample into the module; the mean is restored bit-exactly on exit."""
+        noise, _ = self.posterior.sample_noise(1, generator)
+        with self.posterior.perturbed(noise[0]):
+            yield
+
+    def fit(
+        self,
+        loader: Iterable,
+        method: str = "vogn",
+        epochs: int = 1,
+        progress: bool = True,
+        **optimizer_options,
+    ) -> list[dict]:
+        """Natural-gradient VI over ``loader`` of (x, y) batches with a preset optimizer.
+
+        ``method``: "vogn", "noisy_kfac", "noisy_adam" or "ivon"; ``optimizer_options``
+        go to the preset (``lr``, ``mc_samples``, ...). The closure's loss is the batch
+        mean of the NLL. Returns one dict per epoch with the mean loss and, for
+        classification, the running accuracy (at the sampled weights).
+        """
+        from bayesso.optim import PRESETS
+
+        if method not in PRESETS:
+            raise ValueError(f"method must be one of {sorted(PRESETS)}, got {method!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if self.posterior.dataset_size is None and "dataset_size" not in optimizer_options:
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise ValueError("dataset_size is unknown and the loader has no sized dataset: pass dataset_size=N")
+            optimizer_options["dataset_size"] = len(dataset)
+        optimizer = PRESETS[method](self, **optimizer_options)
+        self.optimizer = optimizer
+        history = []
+        self.module.train()
+        for epoch in range(epochs):
+            total = count = correct = 0.0
+            bar = tqdm(loader, desc=f"{method} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+            for x, y in bar:
+                last = {}
+
+                def closure(x=x, y=y, last=last):
+                    optimizer.zero_grad()
+                    outputs = self.module(x)
+                    loss = self.likelihood.nll(outputs, y) / len(y)
+                    loss.backward()
+                    last["outputs"] = outputs.detach()
+                    return loss
+
+                loss = optimizer.step(closure)
+                total += float(loss) * len(y)
+                count += len(y)
+                postfix = {"loss": f"{total / count:.4f}"}
+                if isinstance(self.likelihood, Classification):
+                    correct += float((last["outputs"].argmax(-1) == y).sum())
+                    postfix["acc"] = f"{correct / count:.3f}"
+                bar.set_postfix(postfix)
+            record = {"epoch": epoch + 1, "loss": total / max(count, 1)}
+            if isinstance(self.likelihood, Classification):
+                record["accuracy"] = correct / max(count, 1)
+            history.append(record)
+        return history
+
+    def predict(
+        self,
+        x: Tensor,
+        n_samples: int = 32,
+        method: str = "mc",
+        generator: torch.Generator | None = None,
+        keep_samples: bool = False,
+    ) -> Predictive:
+        """Predictive distribution at ``x`` (module in eval mode, then restored).
+
+        ``method="mc"`` averages probabilities (not logits) over ``n_samples`` posterior samples.
+        """
+        if method != "mc":
+            raise ValueError(f"method must be 'mc', got {method!r}")
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return mc_predictive(self, x, n_samples, generator, keep_samples)
+        finally:
+            self.module.train(was_training)
+
+    def save(self, path: str | Path) -> None:
+        """Save the module's state (the mean) and the posterior's state."""
+        posterior = self.posterior
+        options = {"kfac_damping": posterior.kfac_damping} if isinstance(posterior, KroneckerGaussian) else {}
+        torch.save(
+            {
+                "module": self.module.state_dict(),
+                "posterior": posterior.state_dict(),
+                "posterior_modules": [plan.name for plan in posterior.plans],
+                "posterior_options": options,
+                "likelihood": self.likelihood.name,
+                "sigma": float(torch.as_tensor(self.likelihood.sigma))
+                if isinstance(self.likelihood, Regression)
+                else 1.0,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, module: nn.Module) -> BayesianModel:
+        """Rebuild a ``BayesianModel`` saved with ``save`` on a module of the same architecture."""
+        state = torch.load(path, weights_only=True)
+        module.load_state_dict(state["module"])
+        model = cls(
+            module,
+            state["likelihood"],
+            posterior=state["posterior"]["structure"],
+            sigma=state["sigma"],
+            modules=state["posterior_modules"],
+            **state["posterior_options"],
+        )
+        model.posterior.load_state_dict(state["posterior"])
+        return model
+
+    def __repr__(self) -> str:
+        return f"BayesianModel({type(self.module).__name__}, {self.likelihood!r}, {self.posterior!r})"

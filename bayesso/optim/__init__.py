@@ -1,0 +1,8 @@
+"""Optimizers: natural-gradient VI (and, in a later milestone, the K-FAC SecondOrderOptimizer)."""
+
+from bayesso.optim.ivon import IVON, ivon_hessian_update
+from bayesso.optim.vi import VOGN, NoisyAdam, NoisyKFAC, VIOptimizer
+
+PRESETS = {"vogn": VOGN, "noisy_adam": NoisyAdam, "noisy_kfac": NoisyKFAC, "ivon": IVON}
+
+__all__ = ["IVON", "PRESETS", "VOGN", "NoisyAdam", "NoisyKFAC", "VIOptimizer", "ivon_hessian_update"]

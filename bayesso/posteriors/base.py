@@ -1,0 +1,418 @@
+"""``Posterior``: a Gaussian over a module's parameters, block-diagonal over modules.
+
+q(θ) = N(μ, Σ). The mean μ IS the module's parameters (flattened row-major, in
+``module.parameters()`` order). Per module block m (ALGORITHMS.md section 2):
+
+    Σ_m⁻¹ = (N/τ) (S_m + λ_m I),    λ_m = τ δ_m / N + γ,
+
+with S the curvature statistic of the MEAN NLL (the engine's summed curvature
+divided by the batch size; K-FAC: G ⊗ A), N the dataset size, τ the temperature,
+δ_m the prior precision of N(0, I/δ) and γ external damping. For τ = 1 and γ = 0
+this is N·S + δ, the Laplace / VI precision. Deterministic modules (e.g. batch
+norm in VOGN) have no prior and no noise: they are left out of sampling and of the
+covariance, log-determinant, entropy and KL (zero rows in the dense views).
+
+Every block is handled in an eigenbasis of its statistic, S_m = Q diag(s) Qᵀ, so
+sampling, solves and log-determinants cost no new factorisation when λ changes; the
+decomposition is recomputed when the statistic changes (or only on ``refresh``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from bayesso.curvature import Block, Curvature, DiagBlock, plan_modules, zero_curvature
+from bayesso.posteriors.eigenbasis import Eigenbasis
+
+__all__ = ["Posterior"]
+
+# Per-example damped eigenvalues are floored here so that a block with no prior,
+# no damping and zero curvature cannot produce an infinite step.
+PRECISION_FLOOR = 1e-12
+
+
+class Posterior(ABC):
+    """Gaussian posterior over the trainable parameters of ``module`` (or of ``modules``).
+
+    Args:
+        module: the model; its parameters are the mean.
+        prior_precision: δ of the prior N(0, I/δ): a number, or {module name: number}.
+        dataset_size: N, the number of training examples (needed for the precision).
+        temperature: τ > 0, the weight of the KL (1 is the Bayesian posterior).
+        damping: γ >= 0, external damping added to the per-example statistic.
+        modules: restrict the posterior to these modules (names or objects) or "last_layer".
+    """
+
+    structure: str
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        prior_precision: float | dict[str, float] = 1.0,
+        dataset_size: int | None = None,
+        temperature: float = 1.0,
+        damping: float = 0.0,
+        modules: Iterable[str | nn.Module] | str | None = None,
+    ) -> None:
+        self.module = module
+        self.plans = plan_modules(module, modules)
+        first = self.plans[0].parameters[0]
+        self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self.statistic: Curvature = zero_curvature(module, self.plans, self.structure, self.dtype)
+        self.initialized = False
+        self.deterministic: set[str] = set()
+        self._slices: dict[str, slice] = {}
+        start = 0
+        for plan in self.plans:
+            self._slices[plan.name] = slice(start, start + plan.numel)
+            start += plan.numel
+        self.numel = start
+        self._prior = torch.ones(len(self.plans), dtype=self.dtype, device=first.device)
+        self.prior_precision = prior_precision
+        self.dataset_size = dataset_size
+        self.temperature = temperature
+        self.damping = damping
+        self._bases: dict[str, Eigenbasis] = {}
+        self._decomposed: Curvature | None = None  # statistic the bases come from, when kept stale
+        self._revision = 0  # bumped whenever the statistic or its decomposition changes
+        self._damped_cache: tuple | None = None
+
+    # ---- hyperparameters -------------------------------------------------------------------
+    @property
+    def prior_precision(self) -> Tensor:
+        """δ per module block, shape (n_blocks,)."""
+        return self._prior
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | dict[str, float] | Tensor) -> None:
+        names = [p.name for p in self.plans]
+        if isinstance(value, dict):
+            unknown = set(value) - set(names)
+            if unknown:
+                raise ValueError(f"prior_precision names modules without a posterior block: {sorted(unknown)}")
+            values = torch.stack([torch.as_tensor(value.get(n, 1.0), dtype=self.dtype) for n in names])
+        else:
+            values = torch.as_tensor(value, dtype=self.dtype).reshape(-1).expand(len(names))
+        if not torch.isfinite(values).all() or (values <= 0).any():
+            raise ValueError(f"prior_precision must be positive and finite, got {_describe(value)}")
+        self._prior = values.to(self._prior.device).clone()
+
+    @property
+    def dataset_size(self) -> int | None:
+        """N, the number of training examples (times any data-augmentation factor)."""
+        return self._dataset_size
+
+    @dataset_size.setter
+    def dataset_size(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"dataset_size must be a positive number, got {value!r}")
+        self._dataset_size = value
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"temperature must be positive and finite, got {value!r}")
+        self._temperature = float(value)
+
+    @property
+    def damping(self) -> float:
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"damping must be non-negative and finite, got {value!r}")
+        self._damping = float(value)
+
+    def _scale(self) -> float:
+        """N / τ: the factor from the per-example statistic to the posterior precision."""
+        if self._dataset_size is None:
+            raise ValueError("dataset_size is unknown: pass dataset_size=N (the number of training examples)")
+        return self._dataset_size / self._temperature
+
+    def block_damping(self) -> Tensor:
+        """λ_m = τ δ_m / N + γ per block (no prior term for deterministic blocks)."""
+        has_prior = torch.tensor([p.name not in self.deterministic for p in self.plans], device=self._prior.device)
+        return self._prior * has_prior / self._scale() + self._damping
+
+    # ---- statistic and decompositions --------------------------------------------------------
+    @abstractmethod
+    def _eigenbasis(self, block: Block) -> Eigenbasis:
+        """The eigenbasis of one block of the statistic."""
+
+    def update_statistic(self, curvature: Curvature, beta: float = 0.0, refresh: bool = True) -> None:
+        """S <- beta * S + (1 - beta) * curvature (per-example scale); the first update copies.
+
+        With ``refresh=False`` sampling and solves keep the previous decomposition
+        until the next refresh (K-FAC's inverse interval).
+        """
+        if not refresh and self._decomposed is None:
+            self._decomposed = self.statistic.clone()
+        for plan in self.plans:
+            mine, new = self.statistic.blocks[plan.name], curvature.blocks[plan.name]
+            if mine.structure != new.structure:
+                if new.structure != "diag":
+                    raise ValueError(
+                        f"block {plan.label()} got structure {new.structure!r}, expected {mine.structure!r}"
+                    )
+                warnings.warn(
+                    f"module {plan.label()} was not called through its own forward, so its curvature is diagonal; "
+                    "its posterior block becomes diagonal",
+                    stacklevel=2,
+                )
+                mine = DiagBlock(mine.names, mine.shapes, mine.diagonal().clone())
+                self.statistic.blocks[plan.name] = mine
+                if self._decomposed is not None:
+                    kept = self._decomposed.blocks[plan.name]
+                    self._decomposed.blocks[plan.name] = DiagBlock(kept.names, kept.shapes, kept.diagonal().clone())
+                self._bases.pop(plan.name, None)
+            if self.initialized:
+                mine.ema_(new, beta)
+            else:
+                mine.load_flat_(new.flatten())
+        self.initialized = True
+        if refresh:
+            self._decomposed = None
+            self._bases.clear()
+        self._revision += 1
+
+    def refresh(self) -> None:
+        """Recompute every block's decomposition from the current statistic."""
+        self._decomposed = None
+        self._bases = {name: self._eigenbasis(block) for name, block in self.statistic.blocks.items()}
+        self._revision += 1
+
+    def _basis(self, name: str) -> Eigenbasis:
+        if name not in self._bases:
+            source = self._decomposed if self._decomposed is not None else self.statistic
+            self._bases[name] = self._eigenbasis(source.blocks[name])
+        return self._bases[name]
+
+    def _damped(self) -> dict[str, Tensor]:
+        """Per-example damped eigenvalues e_m of S_m + λ_m per block (cached while nothing changes)."""
+        key = (
+            self._revision,
+            id(self._prior),
+            self._prior._version,
+            self._dataset_size,
+            self._temperature,
+            self._damping,
+            frozenset(self.deterministic),
+        )
+        if self._damped_cache is not None and self._damped_cache[0] == key and not self._prior.requires_grad:
+            return self._damped_cache[1]
+        damping = self.block_damping()
+        damped = {
+            p.name: self._basis(p.name).eigenvalues(damping[i]).clamp_min(PRECISION_FLOOR)
+            for i, p in enumerate(self.plans)
+        }
+        flat = None
+        if all(self._basis(p.name).is_identity for p in self.plans):
+            values = torch.cat([damped[p.name] for p in self.plans])
+            std = (self._scale() * values).rsqrt_()
+            for plan in self.plans:
+                if plan.name in self.deterministic:
+                    std[self._slices[plan.name]] = 0.0
+            flat = (values, std)
+        self._damped_cache = (key, damped, flat)
+        return damped
+
+    def _flat_diagonal(self) -> tuple[Tensor, Tensor] | None:
+        """(damped eigenvalues, noise std) as flat (P,) vectors when every block is diagonal, else None."""
+        self._damped()
+        return self._damped_cache[2]
+
+    # ---- the Gaussian --------------------------------------------------------------------------
+    def mean(self) -> Tensor:
+        """μ, the flat vector (P,) of the covered parameters (a copy)."""
+        return torch.cat([p.detach().reshape(-1) for plan in self.plans for p in plan.parameters]).to(self.dtype)
+
+    def set_mean(self, flat: Tensor) -> None:
+        """Write a flat vector (P,) into the module's parameters."""
+        if flat.shape != (self.numel,):
+            raise ValueError(f"the mean must have shape ({self.numel},), got {tuple(flat.shape)}")
+        with torch.no_grad():
+            offset = 0
+            for plan in self.plans:
+                for p in plan.parameters:
+                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+    @contextmanager
+    def perturbed(self, noise: Tensor) -> Iterator[None]:
+        """Context adding a flat ``noise`` (P,) to the parameters; restores the mean bit-exactly on exit."""
+        params = [p for plan in self.plans for p in plan.parameters]
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    p.add_(noise[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+
+    def block_slices(self) -> list[slice]:
+        """Where each block (in ``plans`` order) lies in the flat vector."""
+        return [self._slices[plan.name] for plan in self.plans]
+
+    def _random(self) -> list[tuple[int, str]]:
+        return [(i, p.name) for i, p in enumerate(self.plans) if p.name not in self.deterministic]
+
+    def sample_noise(self, n: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(θ - μ, ε) for n samples (n, P): θ - μ = Q ε / sqrt((N/τ) e); zero for deterministic blocks."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
+        eps = torch.randn(n, self.numel, dtype=self.dtype, device=self._prior.device, generator=generator)
+        if flat is not None:
+            return eps * flat[1], eps
+        noise = torch.zeros_like(eps)
+        for _, name in self._random():
+            where = self._slices[name]
+            z = eps[:, where] / (scale * damped[name]).sqrt()
+            noise[:, where] = self._basis(name).from_eigenbasis(z)
+        return noise, eps
+
+    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """n samples (n, P) of the flat parameter vector."""
+        return self.mean() + self.sample_noise(n, generator)[0]
+
+    def precondition(self, v: Tensor) -> Tensor:
+        """(S + λ)⁻¹ v per block: the natural-gradient direction (= (N/τ) Σ v), v of shape (..., P)."""
+        damped, flat = self._damped(), self._flat_diagonal()
+        if flat is not None:
+            return v.to(self.dtype) / flat[0]
+        out = torch.empty_like(v, dtype=self.dtype)
+        for plan in self.plans:
+            where, basis = self._slices[plan.name], self._basis(plan.name)
+            out[..., where] = basis.from_eigenbasis(
+                basis.to_eigenbasis(v[..., where].to(self.dtype)) / damped[plan.name]
+            )
+        return out
+
+    def variance(self) -> Tensor:
+        """Marginal variances (P,), zero for deterministic blocks."""
+        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
+        if flat is not None:
+            return flat[1].square()
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self._prior.device)
+        for _, name in self._random():
+            out[self._slices[name]] = self._basis(name).diagonal(1 / (scale * damped[name]))
+        return out
+
+    def _dense(self, inverse: bool) -> Tensor:
+        damped, scale = self._damped(), self._scale()
+        out = torch.zeros(self.numel, self.numel, dtype=self.dtype, device=self._prior.device)
+        for _, name in self._random():
+            where = self._slices[name]
+            values = scale * damped[name]
+            out[where, where] = self._basis(name).dense(1 / values if inverse else values)
+        return out
+
+    def precision_dense(self) -> Tensor:
+        """Σ⁻¹ as a dense (P, P) matrix (small models only)."""
+        return self._dense(inverse=False)
+
+    def covariance_dense(self) -> Tensor:
+        """Σ as a dense (P, P) matrix (small models only)."""
+        return self._dense(inverse=True)
+
+    def log_det_precision(self) -> Tensor:
+        """log det Σ⁻¹ over the random (non-deterministic) parameters."""
+        damped, scale = self._damped(), self._scale()
+        return sum((scale * damped[name]).log().sum() for _, name in self._random())
+
+    def entropy(self) -> Tensor:
+        """Differential entropy of q in nats."""
+        n = sum(self.plans[i].numel for i, _ in self._random())
+        return 0.5 * n * math.log(2 * math.pi * math.e) - 0.5 * self.log_det_precision()
+
+    def kl_to_prior(self) -> Tensor:
+        """KL(q ‖ N(0, I/δ)) over the random parameters, δ per block."""
+        damped, scale, mean = self._damped(), self._scale(), self.mean()
+        total = mean.new_zeros(())
+        for i, name in self._random():
+            delta, precision = self._prior[i], scale * damped[name]
+            mu = mean[self._slices[name]]
+            k = mu.numel()
+            total = total + 0.5 * (
+                delta * (1 / precision).sum() + delta * mu.square().sum() - k - k * delta.log() + precision.log().sum()
+            )
+        return total
+
+    # ---- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Statistic, hyperparameters and structure (the mean lives in the module's state_dict)."""
+        return {
+            "structure": self.structure,
+            "blocks": {name: block.structure for name, block in self.statistic.blocks.items()},
+            "statistic": _tensors(self.statistic),
+            "decomposed": None if self._decomposed is None else _tensors(self._decomposed),
+            "initialized": self.initialized,
+            "prior_precision": self._prior.clone(),
+            "dataset_size": self._dataset_size,
+            "temperature": self._temperature,
+            "damping": self._damping,
+            "deterministic": sorted(self.deterministic),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("structure") != self.structure:
+            raise ValueError(f"state is for a {state.get('structure')!r} posterior, this one is {self.structure!r}")
+        if set(state["statistic"]) != set(self.statistic.blocks):
+            raise ValueError("state covers different modules than this posterior")
+        for name, kind in state["blocks"].items():
+            block = self.statistic.blocks[name]
+            if block.structure != kind:  # a block that became diagonal when it was fitted
+                self.statistic.blocks[name] = DiagBlock(block.names, block.shapes, block.diagonal().clone())
+        _load_tensors(self.statistic, state["statistic"])
+        self._decomposed = None
+        if state["decomposed"] is not None:
+            self._decomposed = self.statistic.clone()
+            _load_tensors(self._decomposed, state["decomposed"])
+        self.initialized = state["initialized"]
+        self.prior_precision = state["prior_precision"]
+        self.dataset_size = state["dataset_size"]
+        self.temperature = state["temperature"]
+        self.damping = state["damping"]
+        self.deterministic = set(state["deterministic"])
+        self._bases.clear()
+        self._revision += 1
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.numel:,}, blocks={len(self.plans)}, N={self._dataset_size}, "
+            f"temperature={self._temperature}, damping={self._damping})"
+        )
+
+
+def _tensors(curvature: Curvature) -> dict[str, list[Tensor]]:
+    return {name: [t.clone() for t in block.tensors()] for name, block in curvature.blocks.items()}
+
+
+def _load_tensors(curvature: Curvature, saved: dict[str, list[Tensor]]) -> None:
+    for name, block in curvature.blocks.items():
+        for mine, value in zip(block.tensors(), saved[name]):
+            mine.copy_(value)
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor {value.tolist()}"
+    return repr(value)

@@ -1,0 +1,45 @@
+"""``DiagonalGaussian``: mean-field posterior, precision (N/τ)(s + λ) per parameter."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bayesso.curvature import Block
+from bayesso.posteriors.base import Posterior
+from bayesso.posteriors.eigenbasis import Eigenbasis
+
+__all__ = ["DiagonalBasis", "DiagonalGaussian"]
+
+
+class DiagonalBasis(Eigenbasis):
+    """A diagonal statistic is its own eigendecomposition (Q = I)."""
+
+    is_identity = True
+
+    def __init__(self, values: Tensor) -> None:
+        self.values = values.clamp_min(0)
+
+    def eigenvalues(self, damping: Tensor) -> Tensor:
+        return self.values + damping
+
+    def to_eigenbasis(self, v: Tensor) -> Tensor:
+        return v
+
+    def from_eigenbasis(self, z: Tensor) -> Tensor:
+        return z
+
+    def diagonal(self, weights: Tensor) -> Tensor:
+        return weights
+
+    def dense(self, weights: Tensor) -> Tensor:
+        return torch.diag(weights)
+
+
+class DiagonalGaussian(Posterior):
+    """Diagonal Gaussian (VOGN, noisy Adam, IVON, diagonal Laplace); see ``Posterior`` for the arguments."""
+
+    structure = "diag"
+
+    def _eigenbasis(self, block: Block) -> Eigenbasis:
+        return DiagonalBasis(block.diagonal())

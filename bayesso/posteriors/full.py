@@ -1,0 +1,59 @@
+"""``FullGaussian``: a dense precision block per module (no covariance across modules)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bayesso.curvature import Block
+from bayesso.posteriors.base import Posterior
+from bayesso.posteriors.eigenbasis import Eigenbasis
+
+__all__ = ["DenseBasis", "FullGaussian"]
+
+
+class DenseBasis(Eigenbasis):
+    """S = Q diag(s) Qᵀ by ``torch.linalg.eigh`` (negative eigenvalues clamped to 0)."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        values, self.Q = torch.linalg.eigh(matrix)
+        self.values = values.clamp_min(0)
+
+    def eigenvalues(self, damping: Tensor) -> Tensor:
+        return self.values + damping
+
+    def to_eigenbasis(self, v: Tensor) -> Tensor:
+        return v @ self.Q
+
+    def from_eigenbasis(self, z: Tensor) -> Tensor:
+        return z @ self.Q.T
+
+    def diagonal(self, weights: Tensor) -> Tensor:
+        return self.Q.square() @ weights
+
+    def dense(self, weights: Tensor) -> Tensor:
+        return (self.Q * weights) @ self.Q.T
+
+
+class FullGaussian(Posterior):
+    """Dense Gaussian block per module: exact for one-layer models and last-layer posteriors.
+
+    Args: as ``Posterior``, plus ``max_dense_bytes`` (refuse blocks larger than this, 1 GiB).
+    """
+
+    structure = "full"
+
+    def __init__(self, module, *, max_dense_bytes: int = 2**30, **kwargs) -> None:
+        super().__init__(module, **kwargs)
+        itemsize = torch.finfo(self.dtype).bits // 8
+        for plan in self.plans:
+            size = plan.numel**2 * itemsize
+            if size > max_dense_bytes:
+                raise ValueError(
+                    f"FullGaussian needs a {plan.numel:,} x {plan.numel:,} block for module {plan.label()}: "
+                    f"{size / 2**30:.2f} GiB, above max_dense_bytes={max_dense_bytes / 2**30:.2f} GiB. Use "
+                    "KroneckerGaussian or DiagonalGaussian, restrict modules=..., or raise max_dense_bytes."
+                )
+
+    def _eigenbasis(self, block: Block) -> Eigenbasis:
+        return DenseBasis(block.to_dense())

@@ -1,0 +1,273 @@
+"""VIOptimizer and presets: closed forms, sampling std, IVON positivity, resume, schedulers, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bayesso import BayesianModel
+from bayesso.optim import IVON, VOGN, NoisyAdam, NoisyKFAC, VIOptimizer
+from bayesso.optim.ivon import ivon_hessian_update
+
+
+def linear_regression(n=40, sigma=0.5, delta=2.0, seed=0):
+    """Data, and the exact posterior precision and mean over [W.flatten(), b]."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 3, dtype=torch.float64, generator=gen)
+    y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 + sigma * torch.randn(n, generator=gen).double()
+    Xb = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    precision = Xb.T @ Xb / sigma**2 + delta * torch.eye(4, dtype=torch.float64)
+    return X, y.unsqueeze(1), precision, torch.linalg.solve(precision, Xb.T @ y / sigma**2)
+
+
+def regression_model(structure, n=40, sigma=0.5, delta=2.0):
+    torch.manual_seed(1)
+    return BayesianModel(
+        nn.Linear(3, 1).double(), "regression", posterior=structure, prior_precision=delta, dataset_size=n, sigma=sigma
+    )
+
+
+def closure_for(model, optimizer, x, y):
+    def closure():
+        optimizer.zero_grad()
+        loss = model.likelihood.nll(model.module(x), y) / len(y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_full_gaussian_is_the_exact_posterior_after_one_step():
+    X, y, precision, mean = linear_regression()
+    model = regression_model("full")
+    optimizer = VIOptimizer(model, lr=1.0, curvature="ggn", betas=(0.0, 0.0))
+    optimizer.step(closure_for(model, optimizer, X, y))  # first step at the mean, beta2 = 0
+    torch.testing.assert_close(model.posterior.precision_dense(), precision, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(model.posterior.mean(), mean, rtol=1e-12, atol=1e-12)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 / (1 + t / 20))
+    for _ in range(300):  # noisy steps at sampled weights keep the mean at the exact posterior mean
+        optimizer.step(closure_for(model, optimizer, X, y))
+        scheduler.step()
+    std = model.posterior.variance().sqrt()
+    assert ((model.posterior.mean() - mean).abs() < 0.25 * std).all()
+
+
+def test_diagonal_gaussian_reaches_the_mean_field_optimum():
+    X, y, precision, mean = linear_regression()
+    model = regression_model("diag")
+    optimizer = VIOptimizer(model, lr=1.0, curvature="ggn", betas=(0.0, 0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0 if t == 0 else 0.5 / (1 + t / 20))
+    for _ in range(400):
+        optimizer.step(closure_for(model, optimizer, X, y))
+        scheduler.step()
+    # Mean-field optimum for a Gaussian target: precision diag(Λ), mean the exact mean.
+    torch.testing.assert_close(
+        model.posterior.precision_dense(), torch.diag(precision.diagonal()), rtol=1e-10, atol=1e-9
+    )
+    std = model.posterior.variance().sqrt()
+    assert ((model.posterior.mean() - mean).abs() < 0.25 * std).all()
+
+
+def classifier(structure="diag", seed=0, batchnorm=False):
+    torch.manual_seed(seed)
+    layers = (
+        [nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)]
+        if batchnorm
+        else [nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)]
+    )
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 4, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    return BayesianModel(nn.Sequential(*layers), "classification", posterior=structure, dataset_size=320), x, y
+
+
+def test_vogn_sampling_std():
+    model, x, y = classifier()
+    optimizer = VOGN(model, lr=1e-3, temperature=0.5, damping=1e-3, prior_precision=4.0)
+    for _ in range(3):
+        optimizer.step(closure_for(model, optimizer, x, y))
+    s = model.posterior.statistic.diagonal()
+    expected = (0.5 / (320 * (s + 0.5 * 4.0 / 320 + 1e-3))).sqrt()
+    torch.testing.assert_close(
+        model.posterior.variance().sqrt(), expected.float() if expected.dtype != torch.float32 else expected
+    )
+    samples = model.posterior.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert ((samples.std(0) / expected - 1).abs() < 0.04).all()  # 20,000 samples: std error ~0.5%
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ivon_precision_stays_positive_for_any_estimate(seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = (0.1 + torch.rand(1000, generator=gen, dtype=torch.float64)) * 10.0 ** torch.randint(
+        -6, 3, (1000,), generator=gen
+    )
+    estimate = torch.randn(1000, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(
+        -3, 6, (1000,), generator=gen
+    )
+    for damping in (0.0, 1e-4, 1.0):
+        new = ivon_hessian_update(h, estimate, 0.99, torch.tensor(damping, dtype=torch.float64))
+        assert ((new + damping) >= 0.5 * (h + damping) * (1 - 1e-12)).all()
+        if damping == 0.0:
+            assert (new > 0).all()
+
+
+def test_ivon_step_keeps_a_valid_posterior_under_huge_gradients():
+    model, x, y = classifier()
+    optimizer = IVON(model, lr=0.1, hess_init=0.01)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 1e4 * model.likelihood.nll(model.module(x), y) / len(y)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        optimizer.step(closure)
+    assert (model.posterior.variance() > 0).all() and torch.isfinite(model.posterior.mean()).all()
+
+
+PRESETS = [(VOGN, "diag", {}), (NoisyAdam, "diag", {}), (NoisyKFAC, "kron", {}), (IVON, "diag", {})]
+
+
+@pytest.mark.parametrize("preset, structure, options", PRESETS, ids=lambda p: getattr(p, "__name__", ""))
+def test_state_dict_round_trip_continues_identically(preset, structure, options, tmp_path):
+    model, x, y = classifier(structure, batchnorm=True)
+    optimizer = preset(model, mc_samples=2, **options)
+    for _ in range(3):
+        optimizer.step(closure_for(model, optimizer, x, y))
+    model.save(tmp_path / "model.pt")
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    reference = []
+    for _ in range(3):
+        optimizer.step(closure_for(model, optimizer, x, y))
+        reference.append(model.posterior.mean())
+
+    fresh = copy.deepcopy(model.module)
+    restored = BayesianModel.load(tmp_path / "model.pt", fresh)
+    resumed = preset(restored, mc_samples=2, seed=123, **options)
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=False))
+    for expected in reference:
+        resumed.step(closure_for(restored, resumed, x, y))
+        assert torch.equal(restored.posterior.mean(), expected)
+
+
+def test_lr_scheduler_drives_the_step_size():
+    model, x, y = classifier()
+    optimizer = VOGN(model, lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.0 + 1e-9)
+    optimizer.step(closure_for(model, optimizer, x, y))
+    scheduler.step()
+    before = model.posterior.mean()
+    optimizer.step(closure_for(model, optimizer, x, y))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-12)
+    assert (model.posterior.mean() - before).abs().max() < 1e-6
+
+
+def test_gradient_accumulation_matches_one_full_batch_step():
+    model_a, x, y = classifier()
+    model_b = copy.deepcopy(model_a)
+    full = VOGN(model_a, lr=1e-2)
+    full.step(closure_for(model_a, full, x, y))  # the first step is at the mean: deterministic
+    micro = VOGN(model_b, lr=1e-2, accumulation_steps=2)
+    micro.step(closure_for(model_b, micro, x[:16], y[:16]))
+    assert not torch.equal(model_b.posterior.mean(), model_a.posterior.mean())  # no update after one micro-batch
+    micro.step(closure_for(model_b, micro, x[16:], y[16:]))
+    torch.testing.assert_close(model_b.posterior.mean(), model_a.posterior.mean())
+    torch.testing.assert_close(model_b.posterior.statistic.diagonal(), model_a.posterior.statistic.diagonal())
+
+
+def test_temperature_warmup_is_linear():
+    model, x, y = classifier()
+    optimizer = VOGN(model, temperature=1.0, temperature_warmup=(0.1, 4))
+    seen = []
+    for _ in range(6):
+        optimizer.step(closure_for(model, optimizer, x, y))
+        seen.append(model.posterior.temperature)
+    assert seen == pytest.approx([0.1, 0.325, 0.55, 0.775, 1.0, 1.0])
+
+
+def test_batchnorm_is_deterministic_and_without_prior_by_default():
+    model, _, _ = classifier(batchnorm=True)
+    VOGN(model)
+    assert model.posterior.deterministic == {"1"}
+    assert model.posterior.block_damping()[1] == model.posterior.damping  # gamma only: no prior term
+    model2, _, _ = classifier(batchnorm=True)
+    VOGN(model2, deterministic_batchnorm=False)
+    assert model2.posterior.deterministic == set()
+
+
+def test_curvature_and_inverse_intervals():
+    model, x, y = classifier("kron")
+    optimizer = NoisyKFAC(model, curv_interval=2, inv_interval=4)
+    statistics = []
+    for _ in range(5):
+        optimizer.step(closure_for(model, optimizer, x, y))
+        statistics.append(model.posterior.statistic.blocks["0"].G.clone())
+    assert torch.equal(statistics[0], statistics[1]) and not torch.equal(statistics[1], statistics[2])
+    assert torch.equal(statistics[2], statistics[3])
+
+
+def test_nonfinite_loss_raises_and_leaves_everything_unchanged():
+    model, x, y = classifier()
+    optimizer = VOGN(model)
+    optimizer.step(closure_for(model, optimizer, x, y))
+    mean, statistic = model.posterior.mean(), model.posterior.statistic.diagonal().clone()
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1.*unchanged.*skip_nonfinite=True"):
+        optimizer.step(closure_for(model, optimizer, bad_x, y))
+    assert torch.equal(model.posterior.mean(), mean) and torch.equal(model.posterior.statistic.diagonal(), statistic)
+    assert optimizer._step == 1
+    skipping = VOGN(model, skip_nonfinite=True)
+    skipping.step(closure_for(model, skipping, bad_x, y))
+    assert skipping.skipped_steps == 1 and skipping._step == 0 and torch.equal(model.posterior.mean(), mean)
+
+
+def test_nonfinite_outputs_under_mc_fisher_capture_are_rejected_cleanly():
+    model, x, y = classifier("kron")
+    optimizer = NoisyKFAC(model)
+    optimizer.step(closure_for(model, optimizer, x, y))
+    mean = model.posterior.mean()
+    bad_x = x.clone()
+    bad_x[3] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        optimizer.step(closure_for(model, optimizer, bad_x, y))
+    assert torch.equal(model.posterior.mean(), mean)
+    assert all(not m._forward_hooks for m in model.module.modules())
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(lr=0.0), "lr must be positive and finite, got 0.0"),
+        (dict(lr=-1e-3), "lr must be positive"),
+        (dict(mc_samples=0), "mc_samples must be a positive integer, got 0"),
+        (dict(prior_precision=-1.0), "prior_precision must be positive and finite"),
+        (dict(dataset_size=0), "dataset_size must be a positive number, got 0"),
+        (dict(temperature=0.0), "temperature must be positive and finite, got 0.0"),
+        (dict(betas=(0.9, 1.0)), "betas must be two numbers in \\[0, 1\\)"),
+        (dict(momentum="nesterov"), "momentum must be 'raw' or 'adam', got 'nesterov'"),
+        (dict(curvature="hessian"), "curvature must be one of"),
+        (dict(init_precision=0.0), "init_precision must be positive and finite"),
+        (dict(accumulation_steps=0), "accumulation_steps must be a positive integer"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error(options, match):
+    model, _, _ = classifier()
+    with pytest.raises(ValueError, match=match):
+        VIOptimizer(model, **options)
+
+
+def test_presets_check_the_posterior_and_the_closure():
+    model, _, _ = classifier("diag")
+    with pytest.raises(ValueError, match="NoisyKFAC needs a KroneckerGaussian posterior, got DiagonalGaussian"):
+        NoisyKFAC(model)
+    kron, _, _ = classifier("kron")
+    with pytest.raises(ValueError, match="IVON needs a DiagonalGaussian posterior, got KroneckerGaussian"):
+        IVON(kron)
+    with pytest.raises(ValueError, match="step\\(\\) needs a closure"):
+        VOGN(model).step()
+    optimizer = VOGN(model)
+    optimizer.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr must be positive and finite, got nan"):
+        optimizer.step(lambda: torch.tensor(0.0))

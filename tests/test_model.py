@@ -1,0 +1,73 @@
+"""BayesianModel: sampling context, MC prediction, fit, save/load."""
+
+import pytest
+import torch
+from torch import nn
+
+from bayesso import BayesianModel
+from bayesso.data import load_digits, make_loader
+from bayesso.posteriors import DiagonalGaussian
+from tests.cases import CASES_BY_NAME, fitted_bayesian_model
+
+
+def test_sample_parameters_puts_a_sample_in_and_restores_the_mean_after_an_exception():
+    model, _, _ = fitted_bayesian_model()
+    before = [p.detach().clone() for p in model.module.parameters()]
+    with pytest.raises(RuntimeError, match="inside"), model.sample_parameters(torch.Generator().manual_seed(0)):
+        assert not torch.equal(next(model.module.parameters()), before[0])
+        raise RuntimeError("inside")
+    assert all(torch.equal(p, b) for p, b in zip(model.module.parameters(), before))
+
+
+def test_predict_uses_eval_mode_and_restores_it():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.9), nn.Linear(8, 2))
+    model = BayesianModel(module, "classification", dataset_size=10)
+    x = torch.randn(5, 4)
+    first = model.predict(x, n_samples=2, generator=torch.Generator().manual_seed(0)).probs
+    second = model.predict(x, n_samples=2, generator=torch.Generator().manual_seed(0)).probs
+    assert torch.equal(first, second) and module.training
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, x, _ = fitted_bayesian_model("kron", "conv2d")
+    model.posterior.deterministic = {"2"}
+    model.save(tmp_path / "model.pt")
+    case = CASES_BY_NAME["conv2d"]
+    torch.manual_seed(123)
+    loaded = BayesianModel.load(tmp_path / "model.pt", case.build().double())
+    assert isinstance(loaded.posterior, type(model.posterior)) and loaded.posterior.deterministic == {"2"}
+    torch.testing.assert_close(loaded.posterior.precision_dense(), model.posterior.precision_dense(), rtol=0, atol=0)
+    a = model.predict(x, n_samples=4, generator=torch.Generator().manual_seed(1)).probs
+    b = loaded.predict(x, n_samples=4, generator=torch.Generator().manual_seed(1)).probs
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method, structure", [("vogn", "diag"), ("noisy_kfac", "kron")])
+def test_fit_on_digits(method, structure):
+    torch.manual_seed(0)
+    data = load_digits(flatten=True)
+    module = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    model = BayesianModel(module, "classification", posterior=structure, prior_precision=20.0)
+    history = model.fit(make_loader(data.x_train, data.y_train, 64), method=method, epochs=3, progress=False, lr=1e-3)
+    assert model.posterior.dataset_size == len(data.x_train)
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["loss"] < history[0]["loss"]
+    accuracy = (model.predict(data.x_test, n_samples=8).probs.argmax(1) == data.y_test).float().mean()
+    assert accuracy > 0.8
+
+
+def test_bad_construction_and_fit_arguments():
+    module = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="posterior must be 'diag', 'kron', 'full' or a Posterior, got 'dense'"):
+        BayesianModel(module, "classification", posterior="dense")
+    with pytest.raises(ValueError, match="built on a different module"):
+        BayesianModel(module, "classification", posterior=DiagonalGaussian(nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="module must be an nn.Module"):
+        BayesianModel("net", "classification")
+    model = BayesianModel(module, "classification")
+    with pytest.raises(ValueError, match="method must be one of .* got 'sgd'"):
+        model.fit([], method="sgd")
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        model.fit([], epochs=0)
+    with pytest.raises(ValueError, match="dataset_size is unknown and the loader has no sized dataset"):
+        model.fit([(torch.randn(2, 3), torch.tensor([0, 1]))])
