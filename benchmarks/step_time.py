@@ -2,11 +2,11 @@
 
 For the MLP 64-512-512-10 and the two CNNs of benchmarks/models.py on 8x8 digits
 (batch 128, one MC sample per step, noisy K-FAC with its default inverse refresh
-every 10 steps), each (model, optimizer) runs in a fresh subprocess. After a
-2-example forward + backward (library initialisation), the growth of the maximum
-resident set over 5 steps is the peak memory; then the preset and Adam steps are
-timed alternately on copies of the same model, and the ratio is of their medians.
-Run: python benchmarks/step_time.py
+every 10 steps, the small-data recipe: prior precision 50, temperature 0.01), each
+(model, optimizer) runs in a fresh subprocess. After a 2-example forward + backward
+(library initialisation), the growth of the maximum resident set over 5 steps is
+the peak memory; then the preset and Adam steps are timed alternately on copies of
+the same model, and the ratio is of their medians. Run: python benchmarks/step_time.py
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def make_step(name: str, module: torch.nn.Module, x, y):
 
         return step
     structure = "kron" if name == "noisy_kfac" else "diag"
-    model = BayesianModel(module, "classification", posterior=structure, dataset_size=1437)
+    model = BayesianModel(
+        module, "classification", posterior=structure, dataset_size=1437, prior_precision=50.0, temperature=0.01
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = PRESETS[name](model)

@@ -167,7 +167,9 @@ class VIOptimizer(torch.optim.Optimizer):
                 return loss
             raise FloatingPointError(
                 f"non-finite {bad} at step {self._step}: the posterior mean, statistic and step count are "
-                "unchanged; pass skip_nonfinite=True to skip such steps"
+                "unchanged; pass skip_nonfinite=True to skip such steps. If it recurs, the sampled weights are "
+                "too noisy or the steps too long: raise prior_precision, lower the temperature, raise damping "
+                "or lower lr (for K-FAC also inv_interval)"
             )
         self._accumulate(grad, curvature, estimate)
         self._micro += 1

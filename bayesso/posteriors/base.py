@@ -66,6 +66,7 @@ class Posterior(ABC):
         self.plans = plan_modules(module, modules)
         first = self.plans[0].parameters[0]
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self._check_plans()
         self.statistic: Curvature = zero_curvature(module, self.plans, self.structure, self.dtype)
         self.initialized = False
         self.deterministic: set[str] = set()
@@ -148,6 +149,9 @@ class Posterior(ABC):
         return self._prior * has_prior / self._scale() + self._damping
 
     # ---- statistic and decompositions --------------------------------------------------------
+    def _check_plans(self) -> None:  # noqa: B027 (an optional hook, not an abstract method)
+        """Refuse unsupported blocks before anything is allocated."""
+
     @abstractmethod
     def _eigenbasis(self, block: Block) -> Eigenbasis:
         """The eigenbasis of one block of the statistic."""

@@ -44,14 +44,17 @@ class FullGaussian(Posterior):
     structure = "full"
 
     def __init__(self, module, *, max_dense_bytes: int = 2**30, **kwargs) -> None:
+        self.max_dense_bytes = max_dense_bytes
         super().__init__(module, **kwargs)
+
+    def _check_plans(self) -> None:
         itemsize = torch.finfo(self.dtype).bits // 8
         for plan in self.plans:
             size = plan.numel**2 * itemsize
-            if size > max_dense_bytes:
+            if size > self.max_dense_bytes:
                 raise ValueError(
                     f"FullGaussian needs a {plan.numel:,} x {plan.numel:,} block for module {plan.label()}: "
-                    f"{size / 2**30:.2f} GiB, above max_dense_bytes={max_dense_bytes / 2**30:.2f} GiB. Use "
+                    f"{size / 2**30:.2f} GiB, above max_dense_bytes={self.max_dense_bytes / 2**30:.2f} GiB. Use "
                     "KroneckerGaussian or DiagonalGaussian, restrict modules=..., or raise max_dense_bytes."
                 )
 
