@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from isolated import peak_rss_mib, run_isolated
 from models import MODELS
 
 from bayesso.curvature import CurvatureEngine
@@ -35,10 +34,6 @@ CASES = [("forward+backward", "")] + [
     for structure in STRUCTURES
     if not (kind == "hessian" and structure.startswith("kron"))
 ]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(model_name: str, kind: str, structure: str, batch_size: int, repeats: int) -> dict:
@@ -99,9 +94,8 @@ def main() -> None:
         print("| kind | structure | time (ms) | time / (fwd+bwd) | peak memory (MiB) |")
         print("|---|---|---:|---:|---:|")
         for kind, structure in CASES:
-            command = [sys.executable, __file__, "--worker", model_name, kind, structure or "-"]
-            command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
-            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            options = ("--batch-size", str(args.batch_size), "--repeats", str(args.repeats))
+            result = run_isolated(__file__, model_name, kind, structure or "-", *options)
             if "refused" in result:
                 print(f"| {kind} | {structure} | refused: {result['refused']} | | |")
                 continue

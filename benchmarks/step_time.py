@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from isolated import peak_rss_mib, run_isolated
 from models import MODELS
 
 from bayesso import BayesianModel
@@ -32,10 +31,6 @@ from bayesso.data import load_digits
 from bayesso.optim import PRESETS
 
 OPTIMIZERS = ["adam", "vogn", "noisy_adam", "noisy_kfac", "ivon"]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_step(name: str, module: torch.nn.Module, x, y):
@@ -108,9 +103,8 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         adam_peak = None
         for name in OPTIMIZERS:
-            command = [sys.executable, __file__, "--worker", model_name, name]
-            command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
-            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            options = ("--batch-size", str(args.batch_size), "--repeats", str(args.repeats))
+            result = run_isolated(__file__, model_name, name, *options)
             adam_peak = adam_peak or max(result["peak_mib"], 1e-9)
             memory = result["peak_mib"] / adam_peak
             print(f"| {name} | {result['ms']:.2f} | {result['ratio']:.2f} | {result['peak_mib']:.1f} | {memory:.2f} |")

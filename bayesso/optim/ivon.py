@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-from bayesso.optim.vi import VIOptimizer, _positive
+from bayesso.optim.vi import _positive, _Preset
 from bayesso.posteriors import DiagonalGaussian
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def ivon_hessian_update(h: Tensor, estimate: Tensor, beta2: float, damping: Tens
     return beta2 * h + (1 - beta2) * estimate + 0.5 * (1 - beta2) ** 2 * (h - estimate).square() / (h + damping)
 
 
-class IVON(VIOptimizer):
+class IVON(_Preset):
     """Improved Variational Online Newton (Shen et al. 2024), implemented from its equations.
 
     ĥ = ĝ ∘ ε / σ (reparameterisation), h <- β2 h + (1-β2) ĥ + ½(1-β2)²(h - ĥ)²/(h + λ), which
@@ -33,12 +33,16 @@ class IVON(VIOptimizer):
     is the posterior's N and the weight decay δ̃ = τδ/N. Needs ``posterior="diag"``. Defaults
     (lr 0.2, h0 0.5, β2 = 0.999) are for small data and short runs, tuned on digits with
     ``prior_precision=50, temperature=0.01``; the paper's large-data runs use β2 = 0.99999.
+    Extra options: ``hess_init`` h0 (default 0.5) and ``clip_radius`` ξ (default no clipping).
     """
+
+    preset: ClassVar[dict] = {"lr": 0.2, "betas": (0.9, 0.999), "deterministic_batchnorm": False, "momentum": "adam"}
+    prior_in_momentum = False
 
     def __init__(
         self,
         model: BayesianModel,
-        lr: float = 0.2,
+        lr: float | None = None,
         *,
         hess_init: float = 0.5,
         clip_radius: float = float("inf"),
@@ -49,12 +53,8 @@ class IVON(VIOptimizer):
         _positive("hess_init", hess_init)
         if not clip_radius > 0:
             raise ValueError(f"clip_radius must be positive, got {clip_radius!r}")
-        options.setdefault("betas", (0.9, 0.999))
-        options.setdefault("deterministic_batchnorm", False)
-        super().__init__(model, lr, curvature=None, momentum="adam", init_precision=hess_init, **options)
+        super().__init__(model, lr, curvature=None, init_precision=hess_init, **options)
         self.clip_radius = clip_radius
-
-    prior_in_momentum = False
 
     def _before_sampling(self) -> None:
         variance = self.posterior.variance()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -331,7 +331,19 @@ def _set_isotropic(posterior, value: float) -> None:
     posterior.refresh()
 
 
-class VOGN(VIOptimizer):
+class _Preset(VIOptimizer):
+    """A ``VIOptimizer`` whose defaults are the class's ``preset`` (options given override them)."""
+
+    preset: ClassVar[dict] = {}
+
+    def __init__(self, model: BayesianModel, lr: float | None = None, **options) -> None:
+        options = {**self.preset, **options}
+        if lr is not None:
+            options["lr"] = lr
+        super().__init__(model, **options)
+
+
+class VOGN(_Preset):
     """Variational Online Gauss-Newton (Khan et al. 2018; Osawa et al. 2019).
 
     ĥ = per-example squared gradients at the sampled weights with the true labels
@@ -343,15 +355,16 @@ class VOGN(VIOptimizer):
     lr 1e-3 with γ = 1e-4 and τ = 1.
     """
 
-    def __init__(self, model: BayesianModel, lr: float = 1e-3, **options) -> None:
-        options.setdefault("damping", 1e-2)
-        options.setdefault("curvature", "fisher_emp")
-        options.setdefault("momentum", "raw")
-        options.setdefault("betas", (0.9, 0.999))
-        super().__init__(model, lr, **options)
+    preset: ClassVar[dict] = {
+        "lr": 1e-3,
+        "damping": 1e-2,
+        "curvature": "fisher_emp",
+        "momentum": "raw",
+        "betas": (0.9, 0.999),
+    }
 
 
-class NoisyAdam(VIOptimizer):
+class NoisyAdam(_Preset):
     """Noisy Adam (Zhang et al. 2018): MC-Fisher diagonal, Adam-style bias-corrected momentum.
 
     μ <- μ - α m̂ / (f + γ_in + γ_ex) with f the EMA of squared sampled-label gradients
@@ -359,15 +372,16 @@ class NoisyAdam(VIOptimizer):
     ``prior_precision=50, temperature=0.01``.
     """
 
-    def __init__(self, model: BayesianModel, lr: float = 1e-2, **options) -> None:
-        options.setdefault("damping", 3e-2)
-        options.setdefault("curvature", "fisher_mc")
-        options.setdefault("momentum", "adam")
-        options.setdefault("betas", (0.9, 0.999))
-        super().__init__(model, lr, **options)
+    preset: ClassVar[dict] = {
+        "lr": 1e-2,
+        "damping": 3e-2,
+        "curvature": "fisher_mc",
+        "momentum": "adam",
+        "betas": (0.9, 0.999),
+    }
 
 
-class NoisyKFAC(VIOptimizer):
+class NoisyKFAC(_Preset):
     """Noisy K-FAC (Zhang et al. 2018): matrix-normal posterior from MC-Fisher K-FAC factors.
 
     Needs ``posterior="kron"``; the paper's damping is the posterior's ``kfac_damping="factored"``.
@@ -377,12 +391,16 @@ class NoisyKFAC(VIOptimizer):
     on one of three seeds, so raise ``lr`` together with lowering ``inv_interval``.
     """
 
-    def __init__(self, model: BayesianModel, lr: float = 2e-3, **options) -> None:
+    preset: ClassVar[dict] = {
+        "lr": 2e-3,
+        "damping": 1e-2,
+        "curvature": "fisher_mc",
+        "momentum": "raw",
+        "betas": (0.9, 0.99),
+        "inv_interval": 10,
+    }
+
+    def __init__(self, model: BayesianModel, lr: float | None = None, **options) -> None:
         if not isinstance(model.posterior, KroneckerGaussian):
             raise ValueError(f"NoisyKFAC needs a KroneckerGaussian posterior, got {type(model.posterior).__name__}")
-        options.setdefault("damping", 1e-2)
-        options.setdefault("curvature", "fisher_mc")
-        options.setdefault("momentum", "raw")
-        options.setdefault("betas", (0.9, 0.99))
-        options.setdefault("inv_interval", 10)
         super().__init__(model, lr, **options)
