@@ -90,6 +90,10 @@ class Block(ABC):
     def __mul__(self, scale: float) -> Block:
         """The block scaled by ``scale``."""
 
+    def as_diagonal(self) -> DiagBlock:
+        """A diagonal block holding this block's diagonal (a copy)."""
+        return DiagBlock(self.names, self.shapes, self.diagonal().clone())
+
     def __rmul__(self, scale: float) -> Block:
         return self * scale
 

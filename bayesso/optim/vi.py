@@ -127,7 +127,7 @@ class VIOptimizer(torch.optim.Optimizer):
             posterior.deterministic |= {
                 p.name for p in posterior.plans if isinstance(p.module, nn.modules.batchnorm._BatchNorm)
             }
-        params = [p for plan in posterior.plans for p in plan.parameters]
+        params = posterior.parameters
         super().__init__(params, {"lr": lr, "betas": tuple(betas)})
         self.model, self.posterior = model, posterior
         self.mc_samples, self.momentum_type = mc_samples, momentum
@@ -196,13 +196,12 @@ class VIOptimizer(torch.optim.Optimizer):
         self._before_sampling()
         losses, grads, curvature, estimates = [], [], None, []
         for _ in range(1 if at_mean else self.mc_samples):
-            if at_mean:
-                noise = eps = torch.zeros(
-                    posterior.numel, dtype=posterior.dtype, device=posterior.prior_precision.device
-                )
+            if at_mean:  # the first step without an initial precision is taken at the mean
+                eps, weights = None, nullcontext()
             else:
                 noise, eps = (t[0] for t in posterior.sample_noise(1, self.generator))
-            with posterior.perturbed(noise):
+                weights = posterior.perturbed(noise)
+            with weights:
                 capture = self.engine.capture(self.generator) if curvature_step else nullcontext()
                 with torch.enable_grad(), capture:
                     loss = closure()
@@ -219,8 +218,8 @@ class VIOptimizer(torch.optim.Optimizer):
     def _before_sampling(self) -> None:
         """Hook run once per step before the weights are sampled."""
 
-    def _sample_statistic(self, grad: Tensor, eps: Tensor) -> Tensor | None:
-        """A statistic computed from the sampled gradient itself (IVON); None uses the engine."""
+    def _sample_statistic(self, grad: Tensor, eps: Tensor | None) -> Tensor | None:
+        """A statistic from the sampled gradient and its noise ε (None at the mean); None uses the engine."""
         return None
 
     def _accumulate(self, grad: Tensor, curvature, estimate) -> None:

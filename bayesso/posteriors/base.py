@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from bayesso.curvature import Block, Curvature, DiagBlock, plan_modules, zero_curvature
+from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
 from bayesso.posteriors.eigenbasis import Eigenbasis
 
 __all__ = ["Posterior"]
@@ -176,11 +176,9 @@ class Posterior(ABC):
                     "its posterior block becomes diagonal",
                     stacklevel=2,
                 )
-                mine = DiagBlock(mine.names, mine.shapes, mine.diagonal().clone())
-                self.statistic.blocks[plan.name] = mine
+                mine = self.statistic.blocks[plan.name] = mine.as_diagonal()
                 if self._decomposed is not None:
-                    kept = self._decomposed.blocks[plan.name]
-                    self._decomposed.blocks[plan.name] = DiagBlock(kept.names, kept.shapes, kept.diagonal().clone())
+                    self._decomposed.blocks[plan.name] = self._decomposed.blocks[plan.name].as_diagonal()
                 self._bases.pop(plan.name, None)
             if self.initialized:
                 mine.ema_(new, beta)
@@ -239,32 +237,36 @@ class Posterior(ABC):
         return self._damped_cache[2]
 
     # ---- the Gaussian --------------------------------------------------------------------------
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """The covered parameters, in flat-vector order."""
+        return [p for plan in self.plans for p in plan.parameters]
+
     def mean(self) -> Tensor:
         """μ, the flat vector (P,) of the covered parameters (a copy)."""
-        return torch.cat([p.detach().reshape(-1) for plan in self.plans for p in plan.parameters]).to(self.dtype)
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters]).to(self.dtype)
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """``flat`` (P,) split into views shaped like the parameters."""
+        return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in self.parameters]), self.parameters)]
 
     def set_mean(self, flat: Tensor) -> None:
         """Write a flat vector (P,) into the module's parameters."""
         if flat.shape != (self.numel,):
             raise ValueError(f"the mean must have shape ({self.numel},), got {tuple(flat.shape)}")
         with torch.no_grad():
-            offset = 0
-            for plan in self.plans:
-                for p in plan.parameters:
-                    p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            for p, value in zip(self.parameters, self._views(flat)):
+                p.copy_(value)
 
     @contextmanager
     def perturbed(self, noise: Tensor) -> Iterator[None]:
         """Context adding a flat ``noise`` (P,) to the parameters; restores the mean bit-exactly on exit."""
-        params = [p for plan in self.plans for p in plan.parameters]
+        params = self.parameters
         saved = [p.detach().clone() for p in params]
         try:
             with torch.no_grad():
-                offset = 0
-                for p in params:
-                    p.add_(noise[offset : offset + p.numel()].view_as(p))
-                    offset += p.numel()
+                for p, value in zip(params, self._views(noise)):
+                    p.add_(value)
             yield
         finally:
             with torch.no_grad():
@@ -384,7 +386,7 @@ class Posterior(ABC):
         for name, kind in state["blocks"].items():
             block = self.statistic.blocks[name]
             if block.structure != kind:  # a block that became diagonal when it was fitted
-                self.statistic.blocks[name] = DiagBlock(block.names, block.shapes, block.diagonal().clone())
+                self.statistic.blocks[name] = block.as_diagonal()
         _load_tensors(self.statistic, state["statistic"])
         self._decomposed = None
         if state["decomposed"] is not None:
