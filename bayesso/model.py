@@ -12,9 +12,13 @@ from tqdm.auto import tqdm
 
 from bayesso.likelihoods import Classification, Likelihood, Regression, get_likelihood
 from bayesso.posteriors import POSTERIORS, KroneckerGaussian, Posterior
-from bayesso.predict.predictive import Predictive, mc_predictive
+from bayesso.predict.linearized import linearized_predictive, probit_predictive
+from bayesso.predict.monte_carlo import mc_predictive
+from bayesso.predict.predictive import Predictive, check_n_samples
 
-__all__ = ["BayesianModel"]
+__all__ = ["PREDICTIVES", "BayesianModel"]
+
+PREDICTIVES = ("mc", "linearized", "probit")
 
 
 class BayesianModel:
@@ -136,17 +140,31 @@ class BayesianModel:
         method: str = "mc",
         generator: torch.Generator | None = None,
         keep_samples: bool = False,
+        chunk_size: int | None = None,
+        vectorize: bool | None = None,
     ) -> Predictive:
-        """Predictive distribution at ``x`` (module in eval mode, then restored).
+        """Predictive distribution at a batch ``x`` (module in eval mode, then restored).
 
-        ``method="mc"`` averages probabilities (not logits) over ``n_samples`` posterior samples.
+        ``method``: "mc" averages probabilities (not logits) over ``n_samples`` weight samples
+        (``vectorize``: ``chunk_size`` of them per vmapped forward; default off the CPU only);
+        "linearized" draws ``n_samples`` outputs
+        from the GLM predictive N(f(x; μ), J Σ Jᵀ) (exact moments for regression); "probit"
+        (classification, binary) uses softmax(f / sqrt(1 + π/8 · var)) and no samples.
         """
-        if method != "mc":
-            raise ValueError(f"method must be 'mc', got {method!r}")
+        if method not in PREDICTIVES:
+            raise ValueError(f"method must be one of {', '.join(map(repr, PREDICTIVES))}; got {method!r}")
+        check_n_samples(n_samples)
+        if not isinstance(x, Tensor) or x.ndim == 0 or len(x) == 0:
+            raise ValueError(f"x must be a non-empty batch tensor (B, ...), got {_describe_input(x)}")
         was_training = self.module.training
         self.module.eval()
         try:
-            return mc_predictive(self, x, n_samples, generator, keep_samples)
+            _check_fits(self.module, x)
+            if method == "mc":
+                return mc_predictive(self, x, n_samples, generator, keep_samples, chunk_size, vectorize)
+            if method == "linearized":
+                return linearized_predictive(self, x, n_samples, generator, keep_samples)
+            return probit_predictive(self, x)
         finally:
             self.module.train(was_training)
 
@@ -186,3 +204,18 @@ class BayesianModel:
 
     def __repr__(self) -> str:
         return f"BayesianModel({type(self.module).__name__}, {self.likelihood!r}, {self.posterior!r})"
+
+
+def _describe_input(x) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _check_fits(module: nn.Module, x: Tensor) -> None:
+    """One example through the module, so a wrong input shape is a ValueError naming it."""
+    try:
+        with torch.no_grad():
+            module(x[:1])
+    except (RuntimeError, IndexError) as error:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not fit the module: {error}") from error

@@ -12,7 +12,8 @@ def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "demo" in out and "curvature" in out
 
 
 def test_no_command_prints_help(capsys):
@@ -20,7 +21,11 @@ def test_no_command_prints_help(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["demo", "--epochs", "0"], ["demo", "--examples", "x"], ["fly"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["demo", "--epochs", "0"], ["demo", "--samples", "x"], ["demo", "--seeds", "-1"], ["curvature", "--examples", "x"],
+     ["fly"]],
+)  # fmt: skip
 def test_bad_arguments_exit_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -28,10 +33,35 @@ def test_bad_arguments_exit_with_status_2(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_demo_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quick", "--out", str(tmp_path / "taken")])
+    assert exit_info.value.code == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_quick_demo_prints_the_comparison_table():
+def test_quick_demo_prints_the_table_and_writes_the_report(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "bayesso.cli", "demo", "--quick", "--examples", "24"],
+        [sys.executable, "-m", "bayesso.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 4  # header and one row per method
+    assert [line.split("|")[1].strip() for line in lines[1:]] == [
+        "Adam (MAP)", "Adam + temperature scaling", "VOGN", "noisy K-FAC",
+    ]  # fmt: skip
+    assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"report.md", "metrics.json", "reliability_vogn.png"}
+
+
+@pytest.mark.slow
+def test_quick_curvature_comparison_prints_its_table():
+    result = subprocess.run(
+        [sys.executable, "-m", "bayesso.cli", "curvature", "--quick", "--examples", "24"],
         capture_output=True,
         text=True,
         check=True,

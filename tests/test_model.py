@@ -6,6 +6,7 @@ from torch import nn
 
 from bayesso import BayesianModel
 from bayesso.data import load_digits, make_loader
+from bayesso.model import PREDICTIVES
 from bayesso.posteriors import DiagonalGaussian
 from tests.cases import CASES_BY_NAME, fitted_bayesian_model
 
@@ -71,3 +72,45 @@ def test_bad_construction_and_fit_arguments():
         model.fit([], epochs=0)
     with pytest.raises(ValueError, match="dataset_size is unknown and the loader has no sized dataset"):
         model.fit([(torch.randn(2, 3), torch.tensor([0, 1]))])
+
+
+@pytest.mark.parametrize(
+    "name, method",
+    [(name, method) for name in ("mlp", "mlp_binary") for method in PREDICTIVES]
+    + [("mlp_regression", "mc"), ("mlp_regression", "linearized")],  # probit refuses regression (tested)
+)
+def test_predict_shapes_and_dtypes_for_every_likelihood(name, method):
+    model, x, _ = fitted_bayesian_model("kron", name)
+    predictive = model.predict(x, n_samples=3, method=method, generator=torch.Generator().manual_seed(0))
+    if name == "mlp_regression":
+        assert predictive.mean.shape == predictive.epistemic.shape == predictive.aleatoric.shape == (8, 2)
+        assert predictive.mean.dtype == torch.float64 and (predictive.epistemic > 0).all()
+    else:
+        expected = (8, 3) if name == "mlp" else (8,)
+        assert predictive.probs.shape == expected and predictive.probs.dtype == torch.float64
+        assert ((predictive.probs > 0) & (predictive.probs < 1)).all()
+    if method != "mc":
+        outputs = 1 if name == "mlp_binary" else 3 if name == "mlp" else 2
+        assert predictive.output_covariance.shape == (8, outputs, outputs)
+
+
+def test_predict_rejects_bad_arguments_and_leaves_the_model_alone():
+    model, x, _ = fitted_bayesian_model("kron", "mlp")
+    before = [p.detach().clone() for p in model.module.parameters()]
+    model.module.train()
+    with pytest.raises(ValueError, match="n_samples must be a positive integer, got 0"):
+        model.predict(x, n_samples=0)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer, got 2.5"):
+        model.predict(x, n_samples=2.5, method="linearized")
+    with pytest.raises(ValueError, match="method must be one of 'mc', 'linearized', 'probit'; got 'laplace'"):
+        model.predict(x, method="laplace")
+    with pytest.raises(ValueError, match=r"x of shape \(8, 4\) does not fit the module"):
+        model.predict(x[:, :4])
+    with pytest.raises(ValueError, match="x must be a non-empty batch tensor"):
+        model.predict(x[:0])
+    with pytest.raises(ValueError, match="x must be a non-empty batch tensor .* got list"):
+        model.predict([1.0, 2.0])
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        model.predict(x, chunk_size=0)
+    assert model.module.training
+    assert all(torch.equal(p, b) for p, b in zip(model.module.parameters(), before))

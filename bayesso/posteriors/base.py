@@ -312,6 +312,21 @@ class Posterior(ABC):
             )
         return out
 
+    def covariance_root(self, v: Tensor) -> Tensor:
+        """Lᵀ v for v of shape (..., P), where Σ = L Lᵀ with L = Q diag(((N/τ) e)^(-1/2)) per block.
+
+        So vᵀ Σ w = covariance_root(v) · covariance_root(w) without forming Σ; zero for
+        deterministic blocks. The linearized predictive's J Σ Jᵀ is Z Zᵀ with Z = covariance_root(J).
+        """
+        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
+        if flat is not None:
+            return v.to(self.dtype) * flat[1]
+        out = torch.zeros_like(v, dtype=self.dtype)
+        for _, name in self._random():
+            where, basis = self._slices[name], self._basis(name)
+            out[..., where] = basis.to_eigenbasis(v[..., where].to(self.dtype)) / (scale * damped[name]).sqrt()
+        return out
+
     def variance(self) -> Tensor:
         """Marginal variances (P,), zero for deterministic blocks."""
         damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()

@@ -1,5 +1,7 @@
-"""Predictive distributions (and, in later milestones, calibration metrics and plots)."""
+"""Predictive distributions (MC, linearized, probit), calibration metrics, temperature scaling and plots."""
 
-from bayesso.predict.predictive import Predictive, mc_predictive
+from bayesso.predict.linearized import linearized_outputs, linearized_predictive, probit_predictive
+from bayesso.predict.monte_carlo import mc_predictive
+from bayesso.predict.predictive import Predictive
 
-__all__ = ["Predictive", "mc_predictive"]
+__all__ = ["Predictive", "linearized_outputs", "linearized_predictive", "mc_predictive", "probit_predictive"]

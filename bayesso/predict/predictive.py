@@ -1,34 +1,30 @@
-"""Predictive distributions: Monte Carlo over posterior samples.
+"""``Predictive``: a predictive distribution for a batch, and the running average of posterior draws.
 
-Classification and binary predictives average probabilities over samples (never
-logits); regression gives the mean of the sampled outputs and splits the
-variance into the aleatoric part σ² and the epistemic part (variance of the mean
-over samples).
+Classification and binary predictives average probabilities over draws (never
+logits); regression gives the mean of the drawn outputs and splits the variance
+into the aleatoric part σ² and the epistemic part (variance of the mean over draws).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from bayesso.likelihoods import Binary, Classification
+from bayesso.likelihoods import Binary, Classification, Likelihood
 
-if TYPE_CHECKING:
-    from bayesso.model import BayesianModel
-
-__all__ = ["Predictive", "mc_predictive"]
+__all__ = ["Predictive", "check_n_samples"]
 
 
 @dataclass
 class Predictive:
-    """A predictive distribution for a batch.
+    """A predictive distribution for a batch of B inputs.
 
     ``probs``: (B, C) class probabilities (classification) or (B,) P(y = 1) (binary).
     ``mean``, ``aleatoric``, ``epistemic``: regression mean and variances, shaped like the outputs.
-    ``samples``: per-sample probabilities or outputs (S, B, ...) when kept.
+    ``samples``: per-draw probabilities or outputs (S, B, ...) when kept.
+    ``output_covariance``: (B, O, O) covariance J Σ Jᵀ of the network outputs (linearized and probit).
     """
 
     probs: Tensor | None = None
@@ -36,6 +32,7 @@ class Predictive:
     aleatoric: Tensor | None = None
     epistemic: Tensor | None = None
     samples: Tensor | None = None
+    output_covariance: Tensor | None = None
 
     @property
     def variance(self) -> Tensor:
@@ -45,37 +42,64 @@ class Predictive:
         return self.aleatoric + self.epistemic
 
 
-def _check_samples(n_samples: int) -> None:
+def check_n_samples(n_samples: int, argument: str = "n_samples") -> None:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        raise ValueError(f"{argument} must be a positive integer, got {n_samples!r}")
 
 
-@torch.no_grad()
-def mc_predictive(
-    model: BayesianModel,
-    x: Tensor,
-    n_samples: int = 32,
-    generator: torch.Generator | None = None,
-    keep_samples: bool = False,
-) -> Predictive:
-    """Monte Carlo predictive: one forward per posterior sample (module in eval mode)."""
-    _check_samples(n_samples)
-    likelihood = model.likelihood
-    draws = []
-    for _ in range(n_samples):
-        with model.sample_parameters(generator):
-            outputs = model.module(x).float()
-        if isinstance(likelihood, Classification):
-            draws.append(torch.softmax(outputs, dim=-1))
-        elif isinstance(likelihood, Binary):
-            draws.append(torch.sigmoid(outputs.reshape(-1)))
+def working_precision(outputs: Tensor) -> Tensor:
+    """Outputs in float32, or float64 when they are float64 (half precision is upcast)."""
+    return outputs if outputs.dtype == torch.float64 else outputs.float()
+
+
+class DrawAverage:
+    """Running mean over chunks of draws of the network outputs (S, B, ...), in float64 sums.
+
+    Memory stays at one chunk however many draws there are, unless the draws are kept.
+    """
+
+    def __init__(self, likelihood: Likelihood, keep_samples: bool) -> None:
+        self.likelihood, self.keep = likelihood, keep_samples
+        self.count, self.dtype = 0, torch.float32
+        self.total: Tensor | None = None
+        self.squares: Tensor | None = None
+        self.kept: list[Tensor] = []
+
+    @property
+    def regression(self) -> bool:
+        return not isinstance(self.likelihood, (Classification, Binary))
+
+    def add(self, outputs: Tensor) -> None:
+        """Add a chunk of drawn outputs (S, B, ...)."""
+        outputs = working_precision(outputs)
+        self.dtype = outputs.dtype
+        if isinstance(self.likelihood, Classification):
+            values = torch.softmax(outputs, dim=-1)
+        elif isinstance(self.likelihood, Binary):
+            values = torch.sigmoid(outputs.reshape(outputs.shape[0], -1).squeeze(-1))
         else:
-            draws.append(outputs)
-    stacked = torch.stack(draws)
-    kept = stacked if keep_samples else None
-    if isinstance(likelihood, (Classification, Binary)):
-        return Predictive(probs=stacked.mean(0), samples=kept)
-    sigma = torch.as_tensor(likelihood.sigma, dtype=stacked.dtype).detach()
-    mean = stacked.mean(0)
-    epistemic = stacked.var(0, unbiased=False)
-    return Predictive(mean=mean, aleatoric=torch.full_like(mean, float(sigma) ** 2), epistemic=epistemic, samples=kept)
+            values = outputs
+        wide = values.double()
+        self.total = wide.sum(0) if self.total is None else self.total + wide.sum(0)
+        if self.regression:
+            squares = wide.square().sum(0)
+            self.squares = squares if self.squares is None else self.squares + squares
+        self.count += values.shape[0]
+        if self.keep:
+            self.kept.append(values)
+
+    def result(self, output_covariance: Tensor | None = None) -> Predictive:
+        samples = torch.cat(self.kept) if self.keep else None
+        mean = (self.total / self.count).to(self.dtype)
+        if not self.regression:
+            return Predictive(probs=mean, samples=samples, output_covariance=output_covariance)
+        mean64 = self.total / self.count
+        epistemic = (self.squares / self.count - mean64.square()).clamp_min(0).to(self.dtype)
+        sigma = float(torch.as_tensor(self.likelihood.sigma).detach())
+        return Predictive(
+            mean=mean,
+            aleatoric=torch.full_like(mean, sigma**2),
+            epistemic=epistemic,
+            samples=samples,
+            output_covariance=output_covariance,
+        )

@@ -1,42 +1,35 @@
-"""Monte Carlo predictive: probabilities averaged over samples; regression variance split."""
+"""``Predictive`` and the running average of draws."""
 
 import pytest
 import torch
 
-from tests.cases import fitted_bayesian_model
+from bayesso.likelihoods import Binary, Classification, Regression
+from bayesso.predict.predictive import DrawAverage, Predictive
 
 
-def test_mc_predict_averages_probabilities_not_logits():
-    model, x, _ = fitted_bayesian_model()
-    predictive = model.predict(x, n_samples=8, generator=torch.Generator().manual_seed(0), keep_samples=True)
-    gen = torch.Generator().manual_seed(0)
-    logits = []
-    for _ in range(8):
-        with model.sample_parameters(gen), torch.no_grad():
-            logits.append(model.module(x))
-    logits = torch.stack(logits).float()
-    torch.testing.assert_close(predictive.probs, torch.softmax(logits, -1).mean(0))
-    assert not torch.allclose(predictive.probs, torch.softmax(logits.mean(0), -1))
-    assert predictive.samples.shape == (8, 8, 3)
-    torch.testing.assert_close(predictive.probs.sum(-1), torch.ones(8))
+def test_average_over_chunks_equals_the_average_of_all_draws():
+    draws = torch.randn(10, 4, 3, generator=torch.Generator().manual_seed(0))
+    for likelihood, transform in [
+        (Classification(), lambda f: torch.softmax(f, -1)),
+        (Binary(), lambda f: torch.sigmoid(f[..., 0])),
+    ]:
+        average = DrawAverage(likelihood, keep_samples=True)
+        for chunk in draws[:, :, : 3 if isinstance(likelihood, Classification) else 1].split(3):
+            average.add(chunk)
+        result = average.result()
+        expected = transform(draws[:, :, : 3 if isinstance(likelihood, Classification) else 1])
+        torch.testing.assert_close(result.probs, expected.mean(0))
+        torch.testing.assert_close(result.samples, expected)
+    average = DrawAverage(Regression(sigma=0.5), keep_samples=False)
+    for chunk in draws.split(4):
+        average.add(chunk)
+    result = average.result()
+    torch.testing.assert_close(result.mean, draws.mean(0))
+    torch.testing.assert_close(result.epistemic, draws.var(0, unbiased=False))
+    torch.testing.assert_close(result.aleatoric, torch.full((4, 3), 0.25))
+    assert result.samples is None
 
 
-def test_regression_predictive_splits_aleatoric_and_epistemic_variance():
-    model, x, _ = fitted_bayesian_model("full", "mlp_regression")
-    predictive = model.predict(x, n_samples=16, generator=torch.Generator().manual_seed(0), keep_samples=True)
-    torch.testing.assert_close(predictive.aleatoric, torch.full((8, 2), 0.7**2))
-    torch.testing.assert_close(predictive.epistemic, predictive.samples.var(0, unbiased=False))
-    torch.testing.assert_close(predictive.variance, predictive.aleatoric + predictive.epistemic)
-    torch.testing.assert_close(predictive.mean, predictive.samples.mean(0))
-
-
-def test_binary_predictive_and_bad_arguments():
-    model, x, _ = fitted_bayesian_model("diag", "mlp_binary")
-    predictive = model.predict(x, n_samples=4)
-    assert predictive.probs.shape == (8,) and ((predictive.probs > 0) & (predictive.probs < 1)).all()
+def test_variance_is_for_regression_only():
     with pytest.raises(ValueError, match="variance is defined for regression"):
-        _ = predictive.variance
-    with pytest.raises(ValueError, match="n_samples must be a positive integer, got 0"):
-        model.predict(x, n_samples=0)
-    with pytest.raises(ValueError, match="method must be 'mc', got 'laplace'"):
-        model.predict(x, method="laplace")
+        _ = Predictive(probs=torch.ones(2, 2) / 2).variance
