@@ -177,6 +177,11 @@ class Regression(Likelihood):
             raise ValueError(f"sigma must be a positive finite number, got {value}")
         self.sigma = sigma
 
+    @property
+    def sigma_value(self) -> float:
+        """σ as a Python float (detached, never rounded through float32)."""
+        return float(self.sigma.detach()) if isinstance(self.sigma, Tensor) else float(self.sigma)
+
     def check_targets(self, targets: Tensor) -> None:
         super().check_targets(targets)
         if not targets.dtype.is_floating_point:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bayesso.laplace import LaplaceFit, fit_laplace, log_marginal_likelihood, optimize_prior_precision
 from bayesso.likelihoods import Classification, Likelihood, Regression, get_likelihood
 from bayesso.posteriors import POSTERIORS, KroneckerGaussian, Posterior
 from bayesso.predict.linearized import linearized_predictive, probit_predictive
@@ -67,6 +68,7 @@ class BayesianModel:
             )
         else:
             raise ValueError(f"posterior must be 'diag', 'kron', 'full' or a Posterior, got {posterior!r}")
+        self.laplace_fit: LaplaceFit | None = None
 
     @contextmanager
     def sample_parameters(self, generator: torch.Generator | None = None) -> Iterator[None]:
@@ -133,6 +135,44 @@ class BayesianModel:
             history.append(record)
         return history
 
+    def fit_laplace(
+        self,
+        loader: Iterable,
+        kind: str = "ggn",
+        structure: str | None = None,
+        modules: Iterable[str | nn.Module] | str | None = None,
+        prior_precision: float | dict[str, float] | Tensor | None = None,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> Posterior:
+        """Post-hoc Laplace at the current weights (the MAP): precision = Σ_i curvature_i + δ I.
+
+        Sums the ``kind`` curvature ("ggn", "fisher_mc", "fisher_emp", "hessian") over ``loader``
+        into a new ``structure`` posterior (default: this model's) over ``modules`` (default: the
+        current posterior's; "last_layer" or a list), with the current prior precision and
+        temperature; Kronecker blocks use exact damping G ⊗ A + δ I. Replaces ``self.posterior``
+        only on success. Also after VI: the refit happens at the VI mean.
+        """
+        posterior, record = fit_laplace(
+            self, loader, kind, structure, modules, prior_precision, mc_samples, generator, progress
+        )
+        self.posterior, self.laplace_fit = posterior, record
+        return posterior
+
+    def log_marginal_likelihood(
+        self, prior_precision: float | Tensor | None = None, sigma: float | Tensor | None = None
+    ) -> Tensor:
+        """Laplace's log evidence after ``fit_laplace``; differentiable in tensor ``prior_precision`` / ``sigma``."""
+        return log_marginal_likelihood(self, prior_precision, sigma)
+
+    def optimize_prior_precision(self, method: str = "marglik", granularity: str = "scalar", **options) -> dict:
+        """Tune the prior precision after ``fit_laplace``: ``method`` "marglik" (evidence, L-BFGS, also
+        ``optimize_sigma=True`` for regression) or "grid" (``val_loader=``); ``granularity`` "scalar"
+        or "module". See ``bayesso.laplace.optimize_prior_precision``.
+        """
+        return optimize_prior_precision(self, method, granularity, **options)
+
     def predict(
         self,
         x: Tensor,
@@ -179,9 +219,7 @@ class BayesianModel:
                 "posterior_modules": [plan.name for plan in posterior.plans],
                 "posterior_options": options,
                 "likelihood": self.likelihood.name,
-                "sigma": float(torch.as_tensor(self.likelihood.sigma))
-                if isinstance(self.likelihood, Regression)
-                else 1.0,
+                "sigma": self.likelihood.sigma_value if isinstance(self.likelihood, Regression) else 1.0,
             },
             path,
         )

@@ -140,3 +140,10 @@ def module_blocks(model: nn.Module) -> list[list[str]]:
         if names:
             groups.append(names)
     return groups
+
+
+def posterior_index(posterior) -> torch.Tensor:
+    """Positions in the dense (named_parameters) order of a posterior's flat parameters, in its order."""
+    names = {id(p): name for name, p in posterior.module.named_parameters()}
+    where = offsets(posterior.module)
+    return torch.cat([torch.arange(where[names[id(p)]].start, where[names[id(p)]].stop) for p in posterior.parameters])

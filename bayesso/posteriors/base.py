@@ -354,10 +354,25 @@ class Posterior(ABC):
         """Σ as a dense (P, P) matrix (small models only)."""
         return self._dense(inverse=True)
 
-    def log_det_precision(self) -> Tensor:
-        """log det Σ⁻¹ over the random (non-deterministic) parameters."""
-        damped, scale = self._damped(), self._scale()
-        return sum((scale * damped[name]).log().sum() for _, name in self._random())
+    def log_det_precision(self, prior_precision: Tensor | None = None, statistic_scale: float | Tensor = 1.0) -> Tensor:
+        """log det Σ⁻¹ over the random (non-deterministic) parameters.
+
+        With ``prior_precision`` δ (per block (n_blocks,) or a scalar; may require grad) and a
+        ``statistic_scale`` c (may require grad), log det((N/τ)(c S + τδ/N + γ)) instead, computed
+        as Σ log((N/τ) c e(λ/c)) from the kept eigenbases: exact for both Kronecker dampings, since
+        scaling G by c moves π to π/√c. Laplace's marginal likelihood differentiates through this.
+        """
+        scale = self._scale()
+        if prior_precision is None and isinstance(statistic_scale, (int, float)) and statistic_scale == 1.0:
+            damped = self._damped()
+            return sum((scale * damped[name]).log().sum() for _, name in self._random())
+        delta = self._prior if prior_precision is None else torch.as_tensor(prior_precision).expand(len(self.plans))
+        damping = delta * self.temperature / self._dataset_size + self._damping
+        total = delta.new_zeros((), dtype=torch.float64)
+        for i, name in self._random():
+            values = self._basis(name).eigenvalues(damping[i] / statistic_scale).clamp_min(PRECISION_FLOOR)
+            total = total + (scale * statistic_scale * values.double()).log().sum()
+        return total
 
     def entropy(self) -> Tensor:
         """Differential entropy of q in nats."""

@@ -89,7 +89,7 @@ def linearized_predictive(
     mean = outputs.reshape(len(outputs), -1)
     if isinstance(likelihood, Regression) and not keep_samples:
         variance = covariance.diagonal(dim1=1, dim2=2).reshape(shape)
-        sigma = float(torch.as_tensor(likelihood.sigma).detach())
+        sigma = likelihood.sigma_value
         return Predictive(
             mean=mean.reshape(shape),
             aleatoric=torch.full(shape, sigma**2, dtype=mean.dtype, device=mean.device),

@@ -95,7 +95,7 @@ class DrawAverage:
             return Predictive(probs=mean, samples=samples, output_covariance=output_covariance)
         mean64 = self.total / self.count
         epistemic = (self.squares / self.count - mean64.square()).clamp_min(0).to(self.dtype)
-        sigma = float(torch.as_tensor(self.likelihood.sigma).detach())
+        sigma = self.likelihood.sigma_value
         return Predictive(
             mean=mean,
             aleatoric=torch.full_like(mean, sigma**2),

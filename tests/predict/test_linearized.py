@@ -13,17 +13,12 @@ from bayesso.curvature import CurvatureEngine
 from bayesso.likelihoods import Regression
 from bayesso.predict import linearized_outputs
 from tests.cases import CASES, fitted_bayesian_model
-from tests.dense import jacobians, offsets
+from tests.dense import jacobians, posterior_index
 
 
 def _covered_jacobian(model: BayesianModel, x: torch.Tensor) -> torch.Tensor:
     """Dense J (B, O, P) restricted to the posterior's parameters, in its flat order."""
-    names = {id(p): name for name, p in model.module.named_parameters()}
-    where = offsets(model.module)
-    index = torch.cat(
-        [torch.arange(where[names[id(p)]].start, where[names[id(p)]].stop) for p in model.posterior.parameters]
-    )
-    return jacobians(model.module, x)[:, :, index]
+    return jacobians(model.module, x)[:, :, posterior_index(model.posterior)]
 
 
 @pytest.mark.filterwarnings("ignore:module 'fc' \\(Linear\\) was not called")
