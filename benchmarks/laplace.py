@@ -4,7 +4,8 @@ Part 1: the GGN Laplace fit (one pass over the 1,257 training digits of a 70/30 
 batch 128) for the MLP 64-512-512-10 and the two CNNs of benchmarks/models.py, diag /
 kron / full over all weights and over the last layer, each in a fresh subprocess: total
 time, time per data point, and peak memory (growth of the maximum resident set).
-Part 2: a CNN trained to its MAP with Adam (lr 3e-3, 50 epochs) on digits 0-4, then
+Part 2: a CNN trained to its MAP under the prior N(0, I) with Adam (lr 3e-3, L2 weight decay
+1/N on the mean loss, 50 epochs) on digits 0-4, then
 Laplace (kron and diag over all weights, kron over the last layer) with the prior
 precision tuned by the marginal likelihood, predicting with MC (32 samples), the
 linearized GLM (32 output draws) and probit: accuracy, NLL, ECE (15 bins) and OOD
@@ -43,14 +44,14 @@ def fit_worker(model_name: str, structure: str, scope: str) -> dict:
     model = BayesianModel(module, "classification", "diag", prior_precision=1.0)
     loader = make_loader(data.x_train, data.y_train, 128, shuffle=False)
     modules = "last_layer" if scope == "last_layer" else None
-    model.fit_laplace([(data.x_train[:2], data.y_train[:2])], structure=structure, modules=modules, progress=False)
+    try:  # the first call initialises the library; a refused dense block is refused here, before allocating
+        model.fit_laplace([(data.x_train[:2], data.y_train[:2])], structure=structure, modules=modules, progress=False)
+    except ValueError as error:
+        return {"refused": "needs " + str(error).split("needs ")[-1].split(", above")[0]}
     before = peak_rss_mib()
     start = time.perf_counter()
-    try:
-        posterior = model.fit_laplace(loader, structure=structure, modules=modules, progress=False)
-        model.log_marginal_likelihood()
-    except ValueError as error:
-        return {"refused": str(error).split(":")[0][:90]}
+    posterior = model.fit_laplace(loader, structure=structure, modules=modules, progress=False)
+    model.log_marginal_likelihood()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "ms_per_example": 1000 * seconds / len(data.y_train),
             "peak_mib": peak_rss_mib() - before, "parameters": posterior.numel}  # fmt: skip
@@ -60,7 +61,7 @@ def train_map(seed: int, data, epochs: int) -> nn.Module:
     torch.manual_seed(seed)
     module = MODELS["cnn"]()
     module[-1] = nn.Linear(module[-1].in_features, 5)
-    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3, weight_decay=1 / len(data.y_train))
     for _ in range(epochs):
         for x, y in make_loader(data.x_train, data.y_train, 64, seed=seed):
             optimizer.zero_grad()
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 epochs, part 2 only")
+    parser.add_argument("--no-fit", action="store_true", help="part 2 only")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(fit_worker(*args.worker)))
@@ -102,7 +104,7 @@ def main() -> None:
     torch.set_num_threads(2)
     if args.quick:
         args.seeds, args.epochs = 1, 10
-    else:
+    if not (args.quick or args.no_fit):
         print("## GGN Laplace fit over 1,257 training digits (batch 128, 2 threads)\n")
         print("| model | scope | structure | parameters | fit (s) | per data point (ms) | peak (MiB) |")
         print("|---|---|---|---:|---:|---:|---:|")
