@@ -1,8 +1,18 @@
-"""Optimizers: natural-gradient VI (and, in a later milestone, the K-FAC SecondOrderOptimizer)."""
+"""Optimizers: natural-gradient VI (VOGN, noisy K-FAC, noisy Adam, IVON) and the K-FAC SecondOrderOptimizer."""
 
 from bayesso.optim.ivon import IVON, ivon_hessian_update
+from bayesso.optim.second_order import SecondOrderOptimizer
 from bayesso.optim.vi import VOGN, NoisyAdam, NoisyKFAC, VIOptimizer
 
 PRESETS = {"vogn": VOGN, "noisy_adam": NoisyAdam, "noisy_kfac": NoisyKFAC, "ivon": IVON}
 
-__all__ = ["IVON", "PRESETS", "VOGN", "NoisyAdam", "NoisyKFAC", "VIOptimizer", "ivon_hessian_update"]
+__all__ = [
+    "IVON",
+    "PRESETS",
+    "VOGN",
+    "NoisyAdam",
+    "NoisyKFAC",
+    "SecondOrderOptimizer",
+    "VIOptimizer",
+    "ivon_hessian_update",
+]

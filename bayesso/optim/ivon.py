@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from bayesso.optim.vi import _positive, _Preset
+from bayesso.optim.accumulation import check_positive
+from bayesso.optim.vi import _Preset
 from bayesso.posteriors import DiagonalGaussian
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ class IVON(_Preset):
     ) -> None:
         if not isinstance(model.posterior, DiagonalGaussian):
             raise ValueError(f"IVON needs a DiagonalGaussian posterior, got {type(model.posterior).__name__}")
-        _positive("hess_init", hess_init)
+        check_positive("hess_init", hess_init)
         if not clip_radius > 0:
             raise ValueError(f"clip_radius must be positive, got {clip_radius!r}")
         super().__init__(model, lr, curvature=None, init_precision=hess_init, **options)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import CurvatureEngine, DenseBlock, DiagBlock, KronBlock
+from bayesso.optim.accumulation import MicroBatchSums, check_positive, flat_gradient, nonfinite_part
 from bayesso.posteriors import KroneckerGaussian
 
 if TYPE_CHECKING:
@@ -36,13 +37,6 @@ __all__ = ["VOGN", "NoisyAdam", "NoisyKFAC", "VIOptimizer"]
 
 MOMENTUM_TYPES = ("raw", "adam")
 CURVATURE_KINDS = ("fisher_emp", "fisher_mc", "ggn")
-
-
-def _positive(name: str, value, integer: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
-    if not ok or not math.isfinite(value) or value <= 0:
-        kind = "a positive integer" if integer else "positive and finite"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 class VIOptimizer(torch.optim.Optimizer):
@@ -93,12 +87,12 @@ class VIOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         kfac_approx: str = "expand",
     ) -> None:
-        _positive("lr", lr)
-        _positive("mc_samples", mc_samples, integer=True)
+        check_positive("lr", lr)
+        check_positive("mc_samples", mc_samples, integer=True)
         for name, value in (("curv_interval", curv_interval), ("inv_interval", inv_interval)):
-            _positive(name, value, integer=True)
-        _positive("accumulation_steps", accumulation_steps, integer=True)
-        _positive("augmentation_factor", augmentation_factor)
+            check_positive(name, value, integer=True)
+        check_positive("accumulation_steps", accumulation_steps, integer=True)
+        check_positive("augmentation_factor", augmentation_factor)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if momentum not in MOMENTUM_TYPES:
@@ -106,10 +100,10 @@ class VIOptimizer(torch.optim.Optimizer):
         if curvature is not None and curvature not in CURVATURE_KINDS:
             raise ValueError(f"curvature must be one of {CURVATURE_KINDS}, got {curvature!r}")
         if init_precision is not None:
-            _positive("init_precision", init_precision)
+            check_positive("init_precision", init_precision)
         if temperature_warmup is not None:
-            _positive("temperature_warmup[0]", temperature_warmup[0])
-            _positive("temperature_warmup[1]", temperature_warmup[1], integer=True)
+            check_positive("temperature_warmup[0]", temperature_warmup[0])
+            check_positive("temperature_warmup[1]", temperature_warmup[1], integer=True)
         posterior = model.posterior
         if temperature is not None:
             posterior.temperature = temperature
@@ -147,20 +141,20 @@ class VIOptimizer(torch.optim.Optimizer):
         self.generator = torch.Generator(device=params[0].device).manual_seed(seed)
         if init_precision is not None:
             _set_isotropic(posterior, init_precision)
-        self._step, self.skipped_steps, self._micro = 0, 0, 0
+        self._step, self.skipped_steps = 0, 0
         self._momentum: Tensor | None = None
-        self._sums: dict = {}
+        self._sums = MicroBatchSums()
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self, closure=None) -> Tensor:
         """One natural-gradient VI step; returns the mean loss over the MC samples."""
         if closure is None:
             raise ValueError("VI optimizers evaluate the loss at sampled weights: step() needs a closure")
-        _positive("lr", self.param_groups[0]["lr"])
+        check_positive("lr", self.param_groups[0]["lr"])
         self._apply_temperature()
         curvature_step = self.engine is not None and self._step % self.curv_interval == 0
         loss, grad, curvature, estimate = self._evaluate(closure, curvature_step)
-        bad = _nonfinite(loss, grad, curvature, estimate)
+        bad = nonfinite_part(loss, grad, curvature, estimate)
         if bad:
             if self.skip_nonfinite:
                 self.skipped_steps += 1
@@ -171,14 +165,9 @@ class VIOptimizer(torch.optim.Optimizer):
                 "too noisy or the steps too long: raise prior_precision, lower the temperature, raise damping "
                 "or lower lr (for K-FAC also inv_interval)"
             )
-        self._accumulate(grad, curvature, estimate)
-        self._micro += 1
-        if self._micro == self.accumulation_steps:
-            sums, n = self._sums, self._micro
-            self._sums, self._micro = {}, 0
-            curvature = sums["curvature"] * (1.0 / sums["examples"]) if "curvature" in sums else None
-            estimate = sums["estimate"] / n if "estimate" in sums else None
-            self._update(sums["grad"] / n, curvature, estimate)
+        self._sums.add(grad, curvature, estimate)
+        if self._sums.count == self.accumulation_steps:
+            self._update(*self._sums.mean())
             self._step += 1
         return loss
 
@@ -205,7 +194,7 @@ class VIOptimizer(torch.optim.Optimizer):
                 capture = self.engine.capture(self.generator) if curvature_step else nullcontext()
                 with torch.enable_grad(), capture:
                     loss = closure()
-                grad = torch.cat([_grad(p) for group in self.param_groups for p in group["params"]])
+                grad = flat_gradient([p for group in self.param_groups for p in group["params"]])
                 if curvature_step and torch.isfinite(torch.as_tensor(loss)).all():  # else the step is rejected
                     part = capture.curvature()
                     curvature = part if curvature is None else curvature + part
@@ -221,15 +210,6 @@ class VIOptimizer(torch.optim.Optimizer):
     def _sample_statistic(self, grad: Tensor, eps: Tensor | None) -> Tensor | None:
         """A statistic from the sampled gradient and its noise ε (None at the mean); None uses the engine."""
         return None
-
-    def _accumulate(self, grad: Tensor, curvature, estimate) -> None:
-        sums = self._sums
-        sums["grad"] = grad if "grad" not in sums else sums["grad"] + grad
-        if curvature is not None:
-            sums["curvature"] = curvature if "curvature" not in sums else sums["curvature"] + curvature
-            sums["examples"] = sums.get("examples", 0) + curvature.n_examples
-        if estimate is not None:
-            sums["estimate"] = estimate if "estimate" not in sums else sums["estimate"] + estimate
 
     def _prior_gradient(self, mean: Tensor) -> Tensor:
         """δ̃ μ per block (no prior for deterministic blocks)."""
@@ -263,7 +243,7 @@ class VIOptimizer(torch.optim.Optimizer):
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Param groups plus every tensor of VI state, the posterior and the generator's state."""
-        if self._micro:
+        if self._sums.count:
             raise RuntimeError("state_dict() in the middle of gradient accumulation; save after a full update")
         state = super().state_dict()
         state["vi"] = {
@@ -282,34 +262,11 @@ class VIOptimizer(torch.optim.Optimizer):
         self._momentum = None if vi["momentum"] is None else vi["momentum"].clone()
         self.generator.set_state(vi["generator"])
         self.posterior.load_state_dict(vi["posterior"])
-        self._sums, self._micro = {}, 0
+        self._sums = MicroBatchSums()
 
 
 def _average(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(0)
-
-
-def _grad(p: Tensor) -> Tensor:
-    return p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-
-
-def _nonfinite(loss, grad, curvature, estimate) -> str:
-    """Which of the step's quantities holds a NaN or an infinity ('' if none).
-
-    A sum is non-finite exactly when an element is (barring overflow near 3e38), and a
-    reduction is an order of magnitude cheaper than ``isfinite().all()`` on CPU.
-    """
-    if not torch.isfinite(loss).all():
-        return "loss"
-    if not torch.isfinite(grad.sum()):
-        return "gradient"
-    if curvature is not None:
-        total = sum(t.sum() for block in curvature.blocks.values() for t in block.tensors())
-        if not torch.isfinite(total):
-            return "curvature"
-    if estimate is not None and not torch.isfinite(estimate.sum()):
-        return "curvature estimate"
-    return ""
 
 
 def _set_isotropic(posterior, value: float) -> None:

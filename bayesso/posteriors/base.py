@@ -305,11 +305,10 @@ class Posterior(ABC):
         if flat is not None:
             return v.to(self.dtype) / flat[0]
         out = torch.empty_like(v, dtype=self.dtype)
-        for plan in self.plans:
+        damping = self.block_damping()
+        for i, plan in enumerate(self.plans):
             where, basis = self._slices[plan.name], self._basis(plan.name)
-            out[..., where] = basis.from_eigenbasis(
-                basis.to_eigenbasis(v[..., where].to(self.dtype)) / damped[plan.name]
-            )
+            out[..., where] = basis.solve(v[..., where].to(self.dtype), damping[i], damped[plan.name])
         return out
 
     def covariance_root(self, v: Tensor) -> Tensor:

@@ -31,6 +31,13 @@ class Eigenbasis(ABC):
     def diagonal(self, weights: Tensor) -> Tensor:
         """diag(Q diag(weights) Qᵀ), shape (numel,)."""
 
+    def solve(self, v: Tensor, damping: Tensor, eigenvalues: Tensor) -> Tensor:
+        """(S + damping)⁻¹ v for v (..., numel), given ``eigenvalues(damping)``: Q [(Qᵀ v) / e].
+
+        A subclass may solve faster without the eigenvalues.
+        """
+        return self.from_eigenbasis(self.to_eigenbasis(v) / eigenvalues)
+
     def dense(self, weights: Tensor) -> Tensor:
         """Q diag(weights) Qᵀ, shape (numel, numel)."""
         eye = torch.eye(weights.numel(), dtype=weights.dtype, device=weights.device)

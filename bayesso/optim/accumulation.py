@@ -1,0 +1,78 @@
+"""What one optimizer step consumes: flat gradients and curvature, checked, summed over micro-batches.
+
+Shared by ``VIOptimizer`` and ``SecondOrderOptimizer``: with ``accumulation_steps = k`` each
+``step(closure)`` adds one micro-batch and every k-th applies the update with the mean
+gradient and the curvature of all k micro-batches per example.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from bayesso.curvature import Curvature
+
+__all__ = ["MicroBatchSums", "check_positive", "flat_gradient", "nonfinite_part"]
+
+
+def check_positive(name: str, value, integer: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is a positive finite number (an int if ``integer``)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
+    if not ok or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "positive and finite"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def flat_gradient(params: list[Tensor]) -> Tensor:
+    """The parameters' ``.grad`` concatenated (zeros for parameters without one)."""
+    return torch.cat(
+        [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+         for p in params]
+    )  # fmt: skip
+
+
+def nonfinite_part(loss: Tensor, grad: Tensor, curvature: Curvature | None, estimate: Tensor | None = None) -> str:
+    """Which of the step's quantities holds a NaN or an infinity ('' if none).
+
+    A sum is non-finite exactly when an element is (barring overflow near 3e38), and a
+    reduction is an order of magnitude cheaper than ``isfinite().all()`` on CPU.
+    """
+    if not torch.isfinite(loss).all():
+        return "loss"
+    if not torch.isfinite(grad.sum()):
+        return "gradient"
+    if curvature is not None:
+        total = sum(t.sum() for block in curvature.blocks.values() for t in block.tensors())
+        if not torch.isfinite(total):
+            return "curvature"
+    if estimate is not None and not torch.isfinite(estimate.sum()):
+        return "curvature estimate"
+    return ""
+
+
+class MicroBatchSums:
+    """Sums of gradients, summed curvature (and an optional estimate) over micro-batches."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.grad: Tensor | None = None
+        self.curvature: Curvature | None = None
+        self.estimate: Tensor | None = None
+
+    def add(self, grad: Tensor, curvature: Curvature | None = None, estimate: Tensor | None = None) -> None:
+        self.grad = grad if self.grad is None else self.grad + grad
+        if curvature is not None:
+            self.curvature = curvature if self.curvature is None else self.curvature + curvature
+        if estimate is not None:
+            self.estimate = estimate if self.estimate is None else self.estimate + estimate
+        self.count += 1
+
+    def mean(self) -> tuple[Tensor, Curvature | None, Tensor | None]:
+        """(mean gradient, curvature per example, mean estimate), and reset."""
+        n, grad, curvature, estimate = self.count, self.grad, self.curvature, self.estimate
+        self.__init__()
+        if curvature is not None:
+            curvature = curvature * (1.0 / curvature.n_examples)
+        return grad / n, curvature, None if estimate is None else estimate / n

@@ -1,0 +1,206 @@
+"""``SecondOrderOptimizer``: natural-gradient / K-FAC training from the curvature engine (ALGORITHMS.md §3).
+
+One step, with F the curvature of the batch-MEAN loss (the engine's summed curvature / B):
+
+    F_ema <- β F_ema + (1 - β) F                  every ``curv_interval`` steps (β weighs the OLD value)
+    decompositions of F_ema + damping             every ``inv_interval`` steps (stale in between)
+    p = (F_ema + (γ + λ) I)⁻¹ (∇L + λ θ)          γ = ``damping``, λ = ``weight_decay`` (L2 in the curvature)
+    p <- ν p,  ν = min(1, sqrt(κ / (α² pᵀ(∇L + λθ))))   KL-clipping, with κ = ``kl_clip``
+    v <- μ v + p;   θ <- θ - α v - α ω θ          μ = ``momentum``, ω = ``decoupled_weight_decay``
+
+Per module block: K-FAC where the engine has a rule ("kron"), with noisy K-FAC's factored
+Tikhonov damping (G + √γ/π I) ⊗ (A + π√γ I), π² = (tr A/dim A)/(tr G/dim G), or exact
+eigenbasis damping G ⊗ A + γ I; the diagonal elsewhere; or "diag" / "full" blocks for all.
+The preconditioner is a Gaussian "posterior" whose precision is the damped curvature, so it
+shares the posteriors' eigenbases, stale decompositions and state_dict. PyTorch-SSO's and
+ASDL's ``ema_decay`` is the weight on the NEW value: β = 1 - ema_decay.
+
+The closure follows torch's convention: zero the gradients, run the model once on the
+batch, compute the batch MEAN of the NLL, ``backward()``, return the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from bayesso.curvature import CurvatureEngine
+from bayesso.likelihoods import Likelihood, get_likelihood
+from bayesso.optim.accumulation import MicroBatchSums, check_positive, flat_gradient, nonfinite_part
+from bayesso.posteriors import POSTERIORS
+
+__all__ = ["SecondOrderOptimizer"]
+
+KINDS = ("fisher_mc", "fisher_emp", "ggn")
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Deterministic second-order training of any ``nn.Module`` the engine supports.
+
+    Args:
+        module, likelihood: the model and its likelihood ("classification", "binary", "regression", ...).
+        kind: curvature "fisher_mc" (K-FAC's usual 1-sample MC Fisher), "fisher_emp" or "ggn".
+        structure: "kron" (K-FAC, diagonal for modules without a rule), "diag" or "full".
+        lr, momentum, weight_decay (L2), decoupled_weight_decay, damping, kl_clip: see the module
+            docstring; all live in the param group, so schedulers may change them.
+        curv_interval, inv_interval: steps between curvature updates and between decompositions.
+        beta: weight of the old curvature in its EMA. kfac_damping: "factored" or "exact".
+        modules: optimise only these modules (names, objects, "last_layer"); others are left alone.
+        mc_samples: label samples per example for "fisher_mc". accumulation_steps: micro-batches
+            per update. skip_nonfinite: skip (and count) steps with NaN/inf instead of raising.
+        seed: the generator for MC labels (saved in ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        likelihood: str | Likelihood,
+        kind: str = "fisher_mc",
+        structure: str = "kron",
+        lr: float = 1e-2,
+        damping: float = 1e-3,
+        curv_interval: int = 1,
+        inv_interval: int = 1,
+        beta: float = 0.95,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: float = 0.0,
+        kl_clip: float | None = 1e-2,
+        kfac_damping: str = "factored",
+        modules: Iterable[str | nn.Module] | str | None = None,
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        accumulation_steps: int = 1,
+        skip_nonfinite: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
+        if structure not in POSTERIORS:
+            raise ValueError(f"structure must be 'diag', 'kron' or 'full', got {structure!r}")
+        for name, value in [("curv_interval", curv_interval), ("inv_interval", inv_interval),
+                            ("mc_samples", mc_samples), ("accumulation_steps", accumulation_steps)]:  # fmt: skip
+            check_positive(name, value, integer=True)
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"beta must be in [0, 1) (the weight of the old curvature), got {beta!r}")
+        defaults = {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay, "kl_clip": kl_clip}  # fmt: skip
+        _check_group(defaults)
+        options = {"kfac_damping": kfac_damping} if structure == "kron" else {}
+        self.preconditioner = POSTERIORS[structure](module, dataset_size=1, modules=modules, **options)
+        self.preconditioner.deterministic = {plan.name for plan in self.preconditioner.plans}  # no prior term
+        super().__init__(self.preconditioner.parameters, defaults)
+        self.module, self.likelihood = module, get_likelihood(likelihood)
+        names = [plan.name for plan in self.preconditioner.plans]
+        self.engine = CurvatureEngine(
+            module, self.likelihood, kind, structure, modules=names, kfac_approx=kfac_approx, mc_samples=mc_samples
+        )
+        self.curv_interval, self.inv_interval, self.beta = curv_interval, inv_interval, beta
+        self.accumulation_steps, self.skip_nonfinite = accumulation_steps, skip_nonfinite
+        self.generator = torch.Generator(device=self.preconditioner.parameters[0].device).manual_seed(seed)
+        self._step, self.skipped_steps, self._stale = 0, 0, False
+        self._momentum: Tensor | None = None
+        self._sums = MicroBatchSums()
+
+    def step(self, closure) -> Tensor:
+        """One micro-batch through ``closure``; every ``accumulation_steps``-th call updates the weights."""
+        if closure is None:
+            raise ValueError("SecondOrderOptimizer records the curvature of the closure's forward: pass a closure")
+        _check_group(self.param_groups[0])
+        curvature_step = self._step % self.curv_interval == 0
+        capture = self.engine.capture(self.generator) if curvature_step else nullcontext()
+        with torch.enable_grad(), capture:
+            loss = closure()
+        loss = torch.as_tensor(loss).detach()
+        grad = flat_gradient(self.preconditioner.parameters).to(self.preconditioner.dtype)
+        curvature = capture.curvature() if curvature_step and torch.isfinite(loss).all() else None
+        bad = nonfinite_part(loss, grad, curvature)
+        if bad:
+            if self.skip_nonfinite:
+                self.skipped_steps += 1
+                return loss
+            raise FloatingPointError(
+                f"non-finite {bad} at step {self._step}: weights, curvature and step count are unchanged; pass "
+                "skip_nonfinite=True to skip such steps, or raise damping / lower lr"
+            )
+        self._sums.add(grad, curvature)
+        if self._sums.count == self.accumulation_steps:
+            grad, curvature, _ = self._sums.mean()
+            self._update(grad, curvature)
+            self._step += 1
+        return loss
+
+    def _update(self, grad: Tensor, curvature) -> None:
+        group, preconditioner = self.param_groups[0], self.preconditioner
+        refresh = self._step % self.inv_interval == 0
+        if curvature is not None:
+            beta = self.beta if preconditioner.initialized else 0.0
+            preconditioner.update_statistic(curvature, beta, refresh=refresh)
+            self._stale = not refresh
+        elif refresh and self._stale:
+            preconditioner.refresh()
+            self._stale = False
+        theta = preconditioner.mean()
+        decay = group["weight_decay"]
+        direction = grad + decay * theta if decay else grad
+        preconditioner.damping = group["damping"] + decay
+        step = preconditioner.precondition(direction)
+        if group["kl_clip"] is not None:
+            step = step * self.kl_scale(step, direction)
+        if group["momentum"]:
+            if self._momentum is None:
+                self._momentum = torch.zeros_like(step)
+            step = self._momentum.mul_(group["momentum"]).add_(step)
+        new = theta - group["lr"] * step
+        if group["decoupled_weight_decay"]:
+            new = new - group["lr"] * group["decoupled_weight_decay"] * theta
+        preconditioner.set_mean(new)
+
+    def kl_scale(self, step: Tensor, direction: Tensor) -> float:
+        """ν = min(1, sqrt(κ / (α² stepᵀ direction))): caps the step's approximate KL change at κ."""
+        group = self.param_groups[0]
+        quadratic = float(step @ direction) * group["lr"] ** 2
+        return 1.0 if quadratic <= group["kl_clip"] else math.sqrt(group["kl_clip"] / quadratic)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Param groups plus the curvature EMA, its decompositions, momentum, step and generator."""
+        if self._sums.count:
+            raise RuntimeError("state_dict() in the middle of gradient accumulation; save after a full update")
+        state = super().state_dict()
+        state["second_order"] = {
+            "step": self._step,
+            "skipped_steps": self.skipped_steps,
+            "stale": self._stale,
+            "momentum": None if self._momentum is None else self._momentum.clone(),
+            "generator": self.generator.get_state(),
+            "preconditioner": self.preconditioner.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "second_order"})
+        saved = state_dict["second_order"]
+        self._step, self.skipped_steps, self._stale = saved["step"], saved["skipped_steps"], saved["stale"]
+        self._momentum = None if saved["momentum"] is None else saved["momentum"].clone()
+        self.generator.set_state(saved["generator"])
+        self.preconditioner.load_state_dict(saved["preconditioner"])
+        self._sums = MicroBatchSums()
+
+
+def _check_group(group: dict) -> None:
+    """ValueError naming the hyperparameter (checked at construction and before every step)."""
+    check_positive("lr", group["lr"])
+    for name in ("damping", "weight_decay", "decoupled_weight_decay"):
+        value = group[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be non-negative and finite, got {value!r}")
+    momentum = group["momentum"]
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if group["kl_clip"] is not None:
+        check_positive("kl_clip", group["kl_clip"])
