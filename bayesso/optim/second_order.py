@@ -69,7 +69,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         decoupled_weight_decay: float = 0.0,
-        kl_clip: float | None = 1e-2,
+        kl_clip: float | None = 1e-3,
         kfac_damping: str = "factored",
         modules: Iterable[str | nn.Module] | str | None = None,
         mc_samples: int = 1,
