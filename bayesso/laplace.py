@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayesso.curvature import CurvatureEngine
+from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Regression
 from bayesso.posteriors import POSTERIORS, Posterior
 
@@ -60,12 +61,14 @@ def fit_laplace(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    grid: ProcessGrid | None = None,
 ) -> tuple[Posterior, LaplaceFit]:
     """Sum the ``kind`` curvature of the NLL at the current weights over ``loader`` into a new posterior.
 
     The posterior has ``structure`` ("diag", "kron", "full"; default: the model's) over ``modules``
     (default: the model posterior's modules; "last_layer" or a list). The module is in eval mode
     during the pass. Nothing on the model changes if anything fails; the caller installs the result.
+    With a ``grid``, each rank passes its own non-empty shard of the data and the sums cover all shards.
     """
     current = model.posterior
     structure = structure or current.structure
@@ -88,7 +91,7 @@ def fit_laplace(
         mc_samples=mc_samples,
         dtype=posterior.dtype,
     )
-    total, record = _summed_curvature(model, engine, loader, kind, generator, progress)
+    total, record = _summed_curvature(model, engine, loader, kind, generator, progress, grid or ProcessGrid())
     posterior.dataset_size = record.n_examples
     posterior.update_statistic(total * (1.0 / record.n_examples))
     return posterior, record
@@ -105,7 +108,7 @@ def _prior_for(current: Posterior, new: Posterior, given) -> Tensor | float:
     raise ValueError("the model's prior precision differs per module and the modules changed: pass prior_precision")
 
 
-def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kind, generator, progress):
+def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kind, generator, progress, grid):
     module, likelihood = model.module, model.likelihood
     was_training = module.training
     module.eval()
@@ -128,6 +131,11 @@ def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kin
         module.train(was_training)
     if total is None:
         raise ValueError("the loader yielded no batches: Laplace needs data")
+    if grid.active:
+        total = grid.sum_curvature(total)
+        sums = torch.tensor([nll, squared, n_outputs, count], dtype=torch.float64)
+        nll, squared, n_outputs, count = grid.all_reduce([sums])[0].tolist()
+        n_outputs, count = round(n_outputs), round(count)
     if not math.isfinite(nll) or not bool(torch.isfinite(total.flatten()).all()):
         raise FloatingPointError(f"non-finite NLL ({nll}) or curvature at the current weights; nothing was changed")
     sigma = likelihood.sigma_value if isinstance(likelihood, Regression) else 1.0

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bayesso.distributed import ProcessGrid
 from bayesso.laplace import LaplaceFit, fit_laplace, log_marginal_likelihood, optimize_prior_precision
 from bayesso.likelihoods import Classification, Likelihood, Regression, get_likelihood
 from bayesso.posteriors import POSTERIORS, KroneckerGaussian, Posterior
@@ -145,6 +146,7 @@ class BayesianModel:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         progress: bool = True,
+        grid: ProcessGrid | None = None,
     ) -> Posterior:
         """Post-hoc Laplace at the current weights (the MAP): precision = Σ_i curvature_i + δ I.
 
@@ -152,10 +154,11 @@ class BayesianModel:
         into a new ``structure`` posterior (default: this model's) over ``modules`` (default: the
         current posterior's; "last_layer" or a list), with the current prior precision and
         temperature; Kronecker blocks use exact damping G ⊗ A + δ I. Replaces ``self.posterior``
-        only on success. Also after VI: the refit happens at the VI mean.
+        only on success. Also after VI: the refit happens at the VI mean. With a ``grid``
+        (``bayesso.distributed``), each rank passes its own shard and the curvature is summed over ranks.
         """
         posterior, record = fit_laplace(
-            self, loader, kind, structure, modules, prior_precision, mc_samples, generator, progress
+            self, loader, kind, structure, modules, prior_precision, mc_samples, generator, progress, grid
         )
         self.posterior, self.laplace_fit = posterior, record
         return posterior
@@ -182,6 +185,7 @@ class BayesianModel:
         keep_samples: bool = False,
         chunk_size: int | None = None,
         vectorize: bool | None = None,
+        grid: ProcessGrid | None = None,
     ) -> Predictive:
         """Predictive distribution at a batch ``x`` (module in eval mode, then restored).
 
@@ -189,7 +193,9 @@ class BayesianModel:
         (``vectorize``: ``chunk_size`` of them per vmapped forward; default off the CPU only);
         "linearized" draws ``n_samples`` outputs
         from the GLM predictive N(f(x; μ), J Σ Jᵀ) (exact moments for regression); "probit"
-        (classification, binary) uses softmax(f / sqrt(1 + π/8 · var)) and no samples.
+        (classification, binary) uses softmax(f / sqrt(1 + π/8 · var)) and no samples. With a
+        ``grid``, "mc" shards the samples over all ranks (same ``x`` and generator seed on every rank)
+        and every rank gets the full result.
         """
         if method not in PREDICTIVES:
             raise ValueError(f"method must be one of {', '.join(map(repr, PREDICTIVES))}; got {method!r}")
@@ -201,7 +207,7 @@ class BayesianModel:
         try:
             _check_fits(self.module, x)
             if method == "mc":
-                return mc_predictive(self, x, n_samples, generator, keep_samples, chunk_size, vectorize)
+                return mc_predictive(self, x, n_samples, generator, keep_samples, chunk_size, vectorize, grid)
             if method == "linearized":
                 return linearized_predictive(self, x, n_samples, generator, keep_samples)
             return probit_predictive(self, x)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import CurvatureEngine
+from bayesso.distributed import ProcessGrid, reduce_step
 from bayesso.likelihoods import Likelihood, get_likelihood
 from bayesso.optim.accumulation import MicroBatchSums, check_positive, flat_gradient, nonfinite_part
 from bayesso.posteriors import POSTERIORS
@@ -52,7 +53,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         modules: optimise only these modules (names, objects, "last_layer"); others are left alone.
         mc_samples: label samples per example for "fisher_mc". accumulation_steps: micro-batches
             per update. skip_nonfinite: skip (and count) steps with NaN/inf instead of raising.
-        seed: the generator for MC labels (saved in ``state_dict``).
+        seed: the generator for MC labels, seed + rank (saved in ``state_dict``).
+        grid: a ``bayesso.distributed.ProcessGrid``: each rank steps on its own data shard; gradients
+            are averaged on every step and curvature summed on curvature steps, over all ranks.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         accumulation_steps: int = 1,
         skip_nonfinite: bool = False,
         seed: int = 0,
+        grid: ProcessGrid | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
@@ -101,7 +105,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         )
         self.curv_interval, self.inv_interval, self.beta = curv_interval, inv_interval, beta
         self.accumulation_steps, self.skip_nonfinite = accumulation_steps, skip_nonfinite
-        self.generator = torch.Generator(device=self.preconditioner.parameters[0].device).manual_seed(seed)
+        self.grid = grid or ProcessGrid()
+        device = self.preconditioner.parameters[0].device
+        self.generator = torch.Generator(device=device).manual_seed(seed + self.grid.rank)
         self._step, self.skipped_steps, self._stale = 0, 0, False
         self._momentum: Tensor | None = None
         self._sums = MicroBatchSums()
@@ -118,6 +124,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         loss = torch.as_tensor(loss).detach()
         grad = flat_gradient(self.preconditioner.parameters).to(self.preconditioner.dtype)
         curvature = capture.curvature() if curvature_step and torch.isfinite(loss).all() else None
+        loss, grad, curvature, _ = reduce_step(self.grid, loss, grad, curvature)
         bad = nonfinite_part(loss, grad, curvature)
         if bad:
             if self.skip_nonfinite:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import CurvatureEngine, DenseBlock, DiagBlock, KronBlock
+from bayesso.distributed import ProcessGrid, reduce_step
 from bayesso.optim.accumulation import MicroBatchSums, check_positive, flat_gradient, nonfinite_part
 from bayesso.posteriors import KroneckerGaussian
 
@@ -57,7 +58,11 @@ class VIOptimizer(torch.optim.Optimizer):
         accumulation_steps: micro-batches (equal sizes) per update; each draws fresh samples.
         skip_nonfinite: skip steps with a non-finite loss, gradient or statistic (counted in
             ``skipped_steps``) instead of raising ``FloatingPointError``.
-        seed: seed of the generator for weight and label sampling (saved in ``state_dict``).
+        seed: seed of the generator for weight sampling, the same on every rank; MC labels use
+            seed + 1 + rank (both saved in ``state_dict``).
+        grid: a ``bayesso.distributed.ProcessGrid``: each step draws ``mc_samples`` x ``mc_groups``
+            weight samples from the shared generator, this rank evaluates its MC slot's share, and
+            gradients and curvature are reduced over all ranks (identical posteriors everywhere).
         kfac_approx: "expand" or "reduce" for K-FAC under weight sharing.
     """
 
@@ -86,6 +91,7 @@ class VIOptimizer(torch.optim.Optimizer):
         skip_nonfinite: bool = False,
         seed: int = 0,
         kfac_approx: str = "expand",
+        grid: ProcessGrid | None = None,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, integer=True)
@@ -138,7 +144,9 @@ class VIOptimizer(torch.optim.Optimizer):
                 modules=[plan.name for plan in posterior.plans],
                 kfac_approx=kfac_approx,
             )
+        self.grid = grid or ProcessGrid()
         self.generator = torch.Generator(device=params[0].device).manual_seed(seed)
+        self.label_generator = torch.Generator(device=params[0].device).manual_seed(seed + 1 + self.grid.rank)
         if init_precision is not None:
             _set_isotropic(posterior, init_precision)
         self._step, self.skipped_steps = 0, 0
@@ -153,7 +161,7 @@ class VIOptimizer(torch.optim.Optimizer):
         check_positive("lr", self.param_groups[0]["lr"])
         self._apply_temperature()
         curvature_step = self.engine is not None and self._step % self.curv_interval == 0
-        loss, grad, curvature, estimate = self._evaluate(closure, curvature_step)
+        loss, grad, curvature, estimate = reduce_step(self.grid, *self._evaluate(closure, curvature_step))
         bad = nonfinite_part(loss, grad, curvature, estimate)
         if bad:
             if self.skip_nonfinite:
@@ -184,14 +192,19 @@ class VIOptimizer(torch.optim.Optimizer):
         at_mean = not posterior.initialized
         self._before_sampling()
         losses, grads, curvature, estimates = [], [], None, []
-        for _ in range(1 if at_mean else self.mc_samples):
-            if at_mean:  # the first step without an initial precision is taken at the mean
+        if at_mean:  # the first step without an initial precision is taken at the mean
+            draws = [None]
+        else:  # every rank draws the step's samples from the shared stream and evaluates its own
+            total = self.mc_samples * self.grid.mc_groups
+            draws = [posterior.sample_noise(1, self.generator) for _ in range(total)][self.grid.sample_slice(total)]
+        for draw in draws:
+            if draw is None:
                 eps, weights = None, nullcontext()
             else:
-                noise, eps = (t[0] for t in posterior.sample_noise(1, self.generator))
+                noise, eps = (t[0] for t in draw)
                 weights = posterior.perturbed(noise)
             with weights:
-                capture = self.engine.capture(self.generator) if curvature_step else nullcontext()
+                capture = self.engine.capture(self.label_generator) if curvature_step else nullcontext()
                 with torch.enable_grad(), capture:
                     loss = closure()
                 grad = flat_gradient([p for group in self.param_groups for p in group["params"]])
@@ -251,6 +264,7 @@ class VIOptimizer(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "momentum": None if self._momentum is None else self._momentum.clone(),
             "generator": self.generator.get_state(),
+            "label_generator": self.label_generator.get_state(),
             "posterior": self.posterior.state_dict(),
         }
         return state
@@ -261,6 +275,7 @@ class VIOptimizer(torch.optim.Optimizer):
         self._step, self.skipped_steps = vi["step"], vi["skipped_steps"]
         self._momentum = None if vi["momentum"] is None else vi["momentum"].clone()
         self.generator.set_state(vi["generator"])
+        self.label_generator.set_state(vi["label_generator"])
         self.posterior.load_state_dict(vi["posterior"])
         self._sums = MicroBatchSums()
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from bayesso.distributed import ProcessGrid
 from bayesso.posteriors import Posterior
 from bayesso.predict.predictive import DrawAverage, Predictive, check_n_samples
 
@@ -40,23 +41,34 @@ def mc_predictive(
     keep_samples: bool = False,
     chunk_size: int | None = None,
     vectorize: bool | None = None,
+    grid: ProcessGrid | None = None,
 ) -> Predictive:
     """Average over ``n_samples`` posterior samples θ_s of softmax / sigmoid / identity of f(x; θ_s).
 
     ``vectorize``: one vmapped forward per chunk of ``chunk_size`` samples (default: about
     2**22 numbers of sampled parameters and inputs per chunk); None means True off the CPU.
-    The module is used in its current mode.
+    The module is used in its current mode. With a ``grid`` every rank draws the same noise and
+    evaluates its share of the samples; the sums are reduced, so every rank gets the unsharded result.
     """
     check_n_samples(n_samples)
     if chunk_size is not None:
         check_n_samples(chunk_size, "chunk_size")
-    posterior = model.posterior
+    grid = grid or ProcessGrid()
+    if grid.active and (keep_samples or n_samples < grid.world_size):
+        raise ValueError(
+            f"sharded MC prediction needs n_samples >= world size ({grid.world_size}) and keep_samples=False, got "
+            f"n_samples={n_samples}, keep_samples={keep_samples}"
+        )
+    posterior, mine = model.posterior, grid.sample_slice(n_samples, over_world=True)
     size = chunk_size or max(1, min(n_samples, CHUNK_BUDGET // (posterior.numel + x.numel())))
     average = DrawAverage(model.likelihood, keep_samples)
     if vectorize is None:
         vectorize = x.device.type != "cpu"
     for start in range(0, n_samples, size):
         noise, _ = posterior.sample_noise(min(size, n_samples - start), generator)
+        noise = noise[max(0, mine.start - start) : max(0, mine.stop - start)]
+        if not len(noise):
+            continue
         if vectorize:
             try:
                 average.add(sampled_outputs(model.module, posterior, noise, x))
@@ -65,6 +77,8 @@ def mc_predictive(
                 logger.info("vectorised MC prediction failed (%s); using a loop over samples", error)
                 vectorize = False
         average.add(torch.stack([_perturbed_outputs(model.module, posterior, row, x) for row in noise]))
+    if grid.active:
+        average.reduce(grid)
     return average.result()
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Binary, Classification, Likelihood
 
 __all__ = ["Predictive", "check_n_samples"]
@@ -87,6 +88,16 @@ class DrawAverage:
         self.count += values.shape[0]
         if self.keep:
             self.kept.append(values)
+
+    def reduce(self, grid: ProcessGrid) -> None:
+        """Sum the running sums and counts over the ranks of ``grid`` (each rank drew different samples)."""
+        parts = [self.total, torch.tensor([float(self.count)], dtype=torch.float64, device=self.total.device)]
+        if self.regression:
+            parts.append(self.squares)
+        reduced = grid.all_reduce(parts)
+        self.total, self.count = reduced[0], round(float(reduced[1]))
+        if self.regression:
+            self.squares = reduced[2]
 
     def result(self, output_covariance: Tensor | None = None) -> Predictive:
         samples = torch.cat(self.kept) if self.keep else None
