@@ -29,7 +29,7 @@ from torch import Tensor
 
 from bayesso.curvature import Curvature
 
-__all__ = ["ProcessGrid", "init", "reduce_step"]
+__all__ = ["ProcessGrid", "finish", "init", "reduce_step"]
 
 BUCKET_BYTES = 2**25  # 32 MiB per collective
 
@@ -125,6 +125,17 @@ class ProcessGrid:
         total = curvature.clone().load_flat_(buffer)
         total.n_examples = round(float(count))
         return total
+
+
+def finish() -> None:
+    """Leave ``torch.distributed`` cleanly: a barrier, then destroy the default group.
+
+    Without the barrier, a rank that tears its gloo connections down while another is
+    still working can make the other abort ("terminate called without an active exception").
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def reduce_step(

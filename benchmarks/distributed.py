@@ -30,7 +30,7 @@ from models import MODELS
 
 from bayesso import BayesianModel
 from bayesso.data import load_digits
-from bayesso.distributed import ProcessGrid
+from bayesso.distributed import ProcessGrid, finish
 from bayesso.optim import VOGN
 
 CASES = [("cnn", "diag"), ("cnn", "kron"), ("mlp", "diag"), ("mlp", "kron")]
@@ -75,7 +75,7 @@ def _worker(rank: int, rendezvous: str, model_name: str, structure: str, steps: 
     result = run(model_name, structure, 1, steps, ProcessGrid(rank, 2, mc_groups=2))
     if rank == 0:
         torch.save(result, out)
-    dist.destroy_process_group()
+    finish()
 
 
 def two_processes(model_name: str, structure: str, steps: int) -> dict:

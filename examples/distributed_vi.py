@@ -20,7 +20,7 @@ from torch import nn
 
 from bayesso import BayesianModel
 from bayesso.data import load_digits, make_loader
-from bayesso.distributed import init
+from bayesso.distributed import finish, init
 from bayesso.optim import VOGN
 from bayesso.predict.metrics import classification_metrics
 
@@ -56,8 +56,7 @@ def main() -> None:
         print(f"{grid.world_size} processes ({grid.data_parallel} data x {grid.mc_groups} MC): "
               f"accuracy {metrics['accuracy']:.3f}, ECE {metrics['ece']:.3f}, "
               f"{grid.bytes_communicated / 2**20:.1f} MiB communicated")  # fmt: skip
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bayesso import BayesianModel
-from bayesso.distributed import ProcessGrid
+from bayesso.distributed import ProcessGrid, finish
 from bayesso.optim import VOGN, SecondOrderOptimizer
 from tests.cases import CASES_BY_NAME
 
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         "bytes": data.bytes_communicated + mc.bytes_communicated,
     }
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    finish()
 
 
 @pytest.fixture(scope="module")

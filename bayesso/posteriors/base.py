@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
 from bayesso.posteriors.eigenbasis import Eigenbasis
+from bayesso.posteriors.state import load_posterior_state, posterior_state
 
 __all__ = ["Posterior"]
 
@@ -394,57 +395,16 @@ class Posterior(ABC):
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Statistic, hyperparameters and structure (the mean lives in the module's state_dict)."""
-        return {
-            "structure": self.structure,
-            "blocks": {name: block.structure for name, block in self.statistic.blocks.items()},
-            "statistic": _tensors(self.statistic),
-            "decomposed": None if self._decomposed is None else _tensors(self._decomposed),
-            "initialized": self.initialized,
-            "prior_precision": self._prior.clone(),
-            "dataset_size": self._dataset_size,
-            "temperature": self._temperature,
-            "damping": self._damping,
-            "deterministic": sorted(self.deterministic),
-        }
+        return posterior_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("structure") != self.structure:
-            raise ValueError(f"state is for a {state.get('structure')!r} posterior, this one is {self.structure!r}")
-        if set(state["statistic"]) != set(self.statistic.blocks):
-            raise ValueError("state covers different modules than this posterior")
-        for name, kind in state["blocks"].items():
-            block = self.statistic.blocks[name]
-            if block.structure != kind:  # a block that became diagonal when it was fitted
-                self.statistic.blocks[name] = block.as_diagonal()
-        _load_tensors(self.statistic, state["statistic"])
-        self._decomposed = None
-        if state["decomposed"] is not None:
-            self._decomposed = self.statistic.clone()
-            _load_tensors(self._decomposed, state["decomposed"])
-        self.initialized = state["initialized"]
-        self.prior_precision = state["prior_precision"]
-        self.dataset_size = state["dataset_size"]
-        self.temperature = state["temperature"]
-        self.damping = state["damping"]
-        self.deterministic = set(state["deterministic"])
-        self._bases.clear()
-        self._revision += 1
+        load_posterior_state(self, state)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(P={self.numel:,}, blocks={len(self.plans)}, N={self._dataset_size}, "
             f"temperature={self._temperature}, damping={self._damping})"
         )
-
-
-def _tensors(curvature: Curvature) -> dict[str, list[Tensor]]:
-    return {name: [t.clone() for t in block.tensors()] for name, block in curvature.blocks.items()}
-
-
-def _load_tensors(curvature: Curvature, saved: dict[str, list[Tensor]]) -> None:
-    for name, block in curvature.blocks.items():
-        for mine, value in zip(block.tensors(), saved[name]):
-            mine.copy_(value)
 
 
 def _describe(value) -> str:
