@@ -312,20 +312,32 @@ class Posterior(ABC):
             out[..., where] = basis.solve(v[..., where].to(self.dtype), damping[i], damped[plan.name])
         return out
 
-    def covariance_root(self, v: Tensor) -> Tensor:
+    def covariance_root(self, v: Tensor, names: list[str] | None = None) -> Tensor:
         """Lᵀ v for v of shape (..., P), where Σ = L Lᵀ with L = Q diag(((N/τ) e)^(-1/2)) per block.
 
         So vᵀ Σ w = covariance_root(v) · covariance_root(w) without forming Σ; zero for
         deterministic blocks. The linearized predictive's J Σ Jᵀ is Z Zᵀ with Z = covariance_root(J).
+        With ``names``, v holds only those blocks, concatenated in ``plans`` order.
         """
         damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
-        if flat is not None:
+        if flat is not None and names is None:
             return v.to(self.dtype) * flat[1]
+        chosen = [p.name for p in self.plans] if names is None else [p.name for p in self.plans if p.name in names]
         out = torch.zeros_like(v, dtype=self.dtype)
-        for _, name in self._random():
-            where, basis = self._slices[name], self._basis(name)
-            out[..., where] = basis.to_eigenbasis(v[..., where].to(self.dtype)) / (scale * damped[name]).sqrt()
+        start = 0
+        for name in chosen:
+            size = self._slices[name].stop - self._slices[name].start
+            if name not in self.deterministic:
+                where, basis = slice(start, start + size), self._basis(name)
+                out[..., where] = basis.to_eigenbasis(v[..., where].to(self.dtype)) / (scale * damped[name]).sqrt()
+            start += size
         return out
+
+    def precision_eigenbasis(self, name: str) -> tuple[Eigenbasis, Tensor | None]:
+        """Block ``name``'s eigenbasis and its precision eigenvalues (N/τ) e (None if deterministic)."""
+        if name in self.deterministic:
+            return self._basis(name), None
+        return self._basis(name), self._scale() * self._damped()[name]
 
     def variance(self) -> Tensor:
         """Marginal variances (P,), zero for deterministic blocks."""

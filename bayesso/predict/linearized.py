@@ -1,10 +1,12 @@
 """Linearized (GLM) and probit predictives (ALGORITHMS.md section 4).
 
 Linearizing the network at the posterior mean μ gives Gaussian outputs
-f ~ N(f(x; μ), J Σ Jᵀ) with J = ∂f/∂θ at μ. Per-example Jacobians come from
-reverse mode (``torch.func.jacrev`` over chunks of outputs, ``vmap`` over chunks of
-examples), and J Σ Jᵀ = Z Zᵀ with Z = Lᵀ Jᵀ from ``Posterior.covariance_root``, so no
-P × P covariance is formed for diagonal or Kronecker posteriors. Classification then
+f ~ N(f(x; μ), J Σ Jᵀ) with J = ∂f/∂θ at μ. Kronecker blocks of Linear layers use their
+rank-one per-example Jacobians (``kronecker_outputs.py``); for the other blocks,
+per-example Jacobians come from reverse mode (``torch.func.jacrev`` over chunks of
+outputs, ``vmap`` over chunks of examples), and J Σ Jᵀ = Z Zᵀ with Z = Lᵀ Jᵀ from
+``Posterior.covariance_root``, so no P × P covariance is formed for diagonal or
+Kronecker posteriors. Classification then
 averages softmax over draws of f (``linearized``) or uses the probit approximation
 softmax(f / sqrt(1 + π/8 · diag var)) (``probit``; sigmoid for binary).
 """
@@ -20,6 +22,7 @@ from torch import Tensor
 from torch.func import functional_call, jacrev, vmap
 
 from bayesso.likelihoods import Binary, Classification, Regression
+from bayesso.predict.kronecker_outputs import linear_kronecker_covariance
 from bayesso.predict.predictive import DrawAverage, Predictive, check_n_samples, working_precision
 
 if TYPE_CHECKING:
@@ -39,12 +42,16 @@ def linearized_outputs(model: BayesianModel, x: Tensor, output_chunk: int | None
     ``output_chunk`` outputs share one vmapped reverse pass (default: all).
     """
     module, posterior = model.module, model.posterior
-    outputs = working_precision(module(x))
+    outputs, covariance, handled = linear_kronecker_covariance(module, posterior, x)
+    outputs = working_precision(outputs)
     _check_outputs(model, outputs)
     flat = outputs.reshape(len(outputs), -1)
     n_out = flat.shape[1]
+    rest = [plan for plan in posterior.plans if plan.name not in handled]
+    if not rest:
+        return outputs, covariance.to(flat.dtype)
     names = {id(p): name for name, p in module.named_parameters()}
-    covered = [names[id(p)] for p in posterior.parameters]
+    covered = [names[id(p)] for plan in rest for p in plan.parameters]
     fixed = {name: p.detach() for name, p in module.named_parameters() if name not in set(covered)}
 
     def one_example(weights: tuple[Tensor, ...], example: Tensor) -> Tensor:
@@ -54,9 +61,9 @@ def linearized_outputs(model: BayesianModel, x: Tensor, output_chunk: int | None
     def jacobian(examples: Tensor, chunk: int | None) -> tuple[Tensor, ...]:
         return vmap(jacrev(one_example, chunk_size=chunk), in_dims=(None, 0))(weights, examples)
 
-    weights = tuple(p.detach() for p in posterior.parameters)
-    step = max(1, JACOBIAN_BUDGET // max(1, n_out * posterior.numel))
-    covariance = []
+    weights = tuple(p.detach() for plan in rest for p in plan.parameters)
+    step = max(1, JACOBIAN_BUDGET // max(1, n_out * sum(plan.numel for plan in rest)))
+    parts_of_rest = []
     for start in range(0, len(x), step):
         examples = x[start : start + step]
         try:
@@ -68,10 +75,11 @@ def linearized_outputs(model: BayesianModel, x: Tensor, output_chunk: int | None
             logger.info("vmap over outputs failed (%s); one reverse pass per output instead", error)
             output_chunk = 1
             parts = jacobian(examples, output_chunk)
-        rows = torch.cat([part.reshape(*part.shape[:2], -1) for part in parts], dim=2)  # (b, O, P)
-        roots = posterior.covariance_root(rows)
-        covariance.append(roots @ roots.transpose(1, 2))
-    return outputs, torch.cat(covariance).to(flat.dtype)
+        rows = torch.cat([part.reshape(*part.shape[:2], -1) for part in parts], dim=2)  # (b, O, P_rest)
+        roots = posterior.covariance_root(rows, names=[plan.name for plan in rest])
+        parts_of_rest.append(roots @ roots.transpose(1, 2))
+    general = torch.cat(parts_of_rest)
+    return outputs, (general if covariance is None else general + covariance).to(flat.dtype)
 
 
 def linearized_predictive(

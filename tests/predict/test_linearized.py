@@ -12,6 +12,7 @@ from bayesso import BayesianModel
 from bayesso.curvature import CurvatureEngine
 from bayesso.likelihoods import Regression
 from bayesso.predict import linearized_outputs
+from bayesso.predict.kronecker_outputs import linear_kronecker_covariance
 from tests.cases import CASES, fitted_bayesian_model
 from tests.dense import jacobians, posterior_index
 
@@ -167,3 +168,23 @@ def test_functional_model_falls_back_to_one_reverse_pass_per_output(caplog):
     with caplog.at_level(logging.INFO, logger="bayesso.predict.linearized"):
         linearized_outputs(model, x)
     assert "one reverse pass per output" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name, handled",
+    [("mlp", {"0", "2"}), ("residual", {"0", "1.fc1", "1.fc2", "3"}), ("shared", {"inp", "out"}),
+     ("linear_sequence", {"3"}), ("conv2d", {"5"})],
+)  # fmt: skip
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+def test_linear_blocks_take_the_rank_one_path(name, handled, structure):
+    """Linear layers called once on 2-D inputs: rank one; called twice ("shared") or on sequences: general."""
+    model, x, _ = fitted_bayesian_model(structure, name)
+    _, covariance, names = linear_kronecker_covariance(model.module, model.posterior, x)
+    assert names == handled
+    blocks = zip(model.posterior.plans, model.posterior.block_slices())
+    index = torch.cat([torch.arange(where.start, where.stop) for plan, where in blocks if plan.name in handled])
+    J = _covered_jacobian(model, x)[:, :, index]
+    sigma = model.posterior.covariance_dense()[index][:, index]
+    torch.testing.assert_close(covariance, J @ sigma @ J.transpose(1, 2), rtol=1e-10, atol=1e-12)
+    full = fitted_bayesian_model("full", name)[0]
+    assert linear_kronecker_covariance(full.module, full.posterior, x)[2] == set()
