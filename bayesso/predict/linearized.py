@@ -47,7 +47,9 @@ def linearized_outputs(model: BayesianModel, x: Tensor, output_chunk: int | None
     _check_outputs(model, outputs)
     flat = outputs.reshape(len(outputs), -1)
     n_out = flat.shape[1]
-    rest = [plan for plan in posterior.plans if plan.name not in handled]
+    rest = [plan for plan in posterior.plans if plan.name not in handled | posterior.deterministic]
+    if covariance is None:
+        covariance = flat.new_zeros(len(flat), n_out, n_out)
     if not rest:
         return outputs, covariance.to(flat.dtype)
     names = {id(p): name for name, p in module.named_parameters()}
@@ -78,8 +80,7 @@ def linearized_outputs(model: BayesianModel, x: Tensor, output_chunk: int | None
         rows = torch.cat([part.reshape(*part.shape[:2], -1) for part in parts], dim=2)  # (b, O, P_rest)
         roots = posterior.covariance_root(rows, names=[plan.name for plan in rest])
         parts_of_rest.append(roots @ roots.transpose(1, 2))
-    general = torch.cat(parts_of_rest)
-    return outputs, (general if covariance is None else general + covariance).to(flat.dtype)
+    return outputs, (torch.cat(parts_of_rest) + covariance).to(flat.dtype)
 
 
 def linearized_predictive(

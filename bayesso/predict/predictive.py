@@ -101,15 +101,14 @@ class DrawAverage:
 
     def result(self, output_covariance: Tensor | None = None) -> Predictive:
         samples = torch.cat(self.kept) if self.keep else None
-        mean = (self.total / self.count).to(self.dtype)
+        mean64 = self.total / self.count
+        mean = mean64.to(self.dtype)
         if not self.regression:
             return Predictive(probs=mean, samples=samples, output_covariance=output_covariance)
-        mean64 = self.total / self.count
         epistemic = (self.squares / self.count - mean64.square()).clamp_min(0).to(self.dtype)
-        sigma = self.likelihood.sigma_value
         return Predictive(
             mean=mean,
-            aleatoric=torch.full_like(mean, sigma**2),
+            aleatoric=torch.full_like(mean, self.likelihood.sigma_value**2),
             epistemic=epistemic,
             samples=samples,
             output_covariance=output_covariance,

@@ -188,3 +188,14 @@ def test_linear_blocks_take_the_rank_one_path(name, handled, structure):
     torch.testing.assert_close(covariance, J @ sigma @ J.transpose(1, 2), rtol=1e-10, atol=1e-12)
     full = fitted_bayesian_model("full", name)[0]
     assert linear_kronecker_covariance(full.module, full.posterior, x)[2] == set()
+
+
+def test_deterministic_blocks_add_no_output_variance():
+    model, x, _ = fitted_bayesian_model("kron", "mlp")
+    model.posterior.deterministic = {"0", "2"}
+    _, covariance = linearized_outputs(model, x)
+    assert torch.equal(covariance, torch.zeros(8, 3, 3, dtype=torch.float64))
+    model.posterior.deterministic = {"2"}
+    _, covariance = linearized_outputs(model, x)
+    J = _covered_jacobian(model, x)
+    torch.testing.assert_close(covariance, J @ model.posterior.covariance_dense() @ J.transpose(1, 2))
