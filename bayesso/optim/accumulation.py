@@ -69,6 +69,11 @@ class MicroBatchSums:
             self.estimate = estimate if self.estimate is None else self.estimate + estimate
         self.count += 1
 
+    def ensure_empty(self) -> None:
+        """RuntimeError in the middle of an accumulation: optimizer state is saved after full updates."""
+        if self.count:
+            raise RuntimeError("state_dict() in the middle of gradient accumulation; save after a full update")
+
     def mean(self) -> tuple[Tensor, Curvature | None, Tensor | None]:
         """(mean gradient, curvature per example, mean estimate), and reset."""
         n, grad, curvature, estimate = self.count, self.grad, self.curvature, self.estimate

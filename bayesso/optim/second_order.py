@@ -176,8 +176,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Param groups plus the curvature EMA, its decompositions, momentum, step and generator."""
-        if self._sums.count:
-            raise RuntimeError("state_dict() in the middle of gradient accumulation; save after a full update")
+        self._sums.ensure_empty()
         state = super().state_dict()
         state["second_order"] = {
             "step": self._step,

@@ -256,8 +256,7 @@ class VIOptimizer(torch.optim.Optimizer):
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Param groups plus every tensor of VI state, the posterior and the generator's state."""
-        if self._sums.count:
-            raise RuntimeError("state_dict() in the middle of gradient accumulation; save after a full update")
+        self._sums.ensure_empty()
         state = super().state_dict()
         state["vi"] = {
             "step": self._step,

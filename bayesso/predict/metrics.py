@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayesso.likelihoods import Regression
+
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
 
@@ -210,7 +212,6 @@ def evaluate(
     ``ood_loader``). Regression: rmse and the Gaussian predictive nll per example
     (summed over outputs, total variance σ² + epistemic).
     """
-    from bayesso.likelihoods import Regression
 
     def predictions(batches: Iterable, what: str):
         for x, y in tqdm(batches, desc=f"evaluate {what}", disable=not progress, leave=False):
