@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayesso.batches import check_loader, check_targets, located, split_batch
 from bayesso.curvature import CurvatureEngine
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Regression
@@ -114,27 +115,30 @@ def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kin
     module.eval()
     total, nll, squared, n_outputs, count = None, 0.0, 0.0, 0, 0
     try:
-        for batch in tqdm(loader, desc=f"Laplace ({kind}, {engine.structure})", disable=not progress, leave=False):
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError(f"the loader must yield (x, y) batches, got {type(batch).__name__}")
-            x, y = batch
-            curvature = engine.compute(x, y, generator=generator)
-            with torch.no_grad():
-                outputs = module(x)
-                nll += float(likelihood.nll(outputs, y))
-                if isinstance(likelihood, Regression):
-                    squared += float((y.reshape(outputs.shape) - outputs).double().square().sum())
-                    n_outputs += outputs.numel()
-            total = curvature if total is None else total + curvature
-            count += len(y)
+        with grid.lockstep("Laplace pass") as shared:  # a failure on any rank raises on every rank
+            check_loader(loader)
+            batches = tqdm(loader, desc=f"Laplace ({kind}, {engine.structure})", disable=not progress, leave=False)
+            for index, batch in enumerate(batches):
+                with located(f"fit_laplace, batch {index + 1}"):
+                    x, y = split_batch(batch)
+                    check_targets(likelihood, x, y)
+                    curvature = engine.compute(x, y, generator=generator)
+                with torch.no_grad():
+                    outputs = module(x)
+                    nll += float(likelihood.nll(outputs, y))
+                    if isinstance(likelihood, Regression):
+                        squared += float((y - outputs).double().square().sum())
+                        n_outputs += outputs.numel()
+                total = curvature if total is None else total + curvature
+                count += len(y)
+            if total is None:
+                raise ValueError("fit_laplace: the loader yielded no batches: Laplace needs data")
+            shared.values = [nll, squared, n_outputs, count]
     finally:
         module.train(was_training)
-    if total is None:
-        raise ValueError("the loader yielded no batches: Laplace needs data")
     if grid.active:
         total = grid.sum_curvature(total)
-        sums = torch.tensor([nll, squared, n_outputs, count], dtype=torch.float64)
-        nll, squared, n_outputs, count = grid.all_reduce([sums])[0].tolist()
+        nll, squared, n_outputs, count = shared.totals.tolist()
         n_outputs, count = round(n_outputs), round(count)
     if not math.isfinite(nll) or not bool(torch.isfinite(total.flatten()).all()):
         raise FloatingPointError(f"non-finite NLL ({nll}) or curvature at the current weights; nothing was changed")

@@ -34,15 +34,16 @@ class Likelihood(ABC):
         if targets.ndim == 0 or targets.shape[0] == 0:
             raise ValueError(f"targets must have a non-empty batch dimension, got shape {tuple(targets.shape)}")
 
-    def check(self, outputs: Tensor, targets: Tensor) -> None:
+    def check(self, outputs: Tensor, targets: Tensor, require_finite: bool = True) -> None:
         """Raise ``ValueError`` if ``targets`` do not fit ``outputs`` (type, shape, support).
 
-        Non-finite outputs raise ``FloatingPointError``.
+        Non-finite outputs raise ``FloatingPointError`` (unless ``require_finite=False``, for
+        callers that handle them themselves, such as optimizers that skip such steps).
         """
         if not isinstance(outputs, Tensor):
             raise ValueError(f"the module must return a tensor of outputs, got {type(outputs).__name__}")
         self._check(outputs, targets)
-        if not torch.isfinite(outputs).all():
+        if require_finite and not torch.isfinite(outputs).all():
             raise FloatingPointError("the model outputs contain NaN or infinite values")
 
     @abstractmethod
@@ -89,7 +90,10 @@ class Classification(Likelihood):
     def check_targets(self, targets: Tensor) -> None:
         super().check_targets(targets)
         if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-            raise ValueError(f"classification targets must be integer class indices, got dtype {targets.dtype}")
+            raise ValueError(
+                f"classification targets must be integer class indices, got dtype {targets.dtype} "
+                "(convert them with y.long())"
+            )
         if targets.ndim != 1:
             raise ValueError(f"classification targets must have shape (B,), got {tuple(targets.shape)}")
         low = int(targets.min())
@@ -192,8 +196,10 @@ class Regression(Likelihood):
     def _check(self, outputs: Tensor, targets: Tensor) -> None:
         _check_batch(outputs, targets)
         if targets.shape != outputs.shape:
+            hint = " (add the output dimension with y.unsqueeze(-1))" if targets.shape == outputs.shape[:-1] else ""
             raise ValueError(
                 f"regression targets must have the outputs' shape {tuple(outputs.shape)}, got {tuple(targets.shape)}"
+                f"{hint}; targets of another shape would broadcast against the outputs"
             )
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:

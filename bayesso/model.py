@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from bayesso.batches import check_inputs
+from bayesso.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from bayesso.distributed import ProcessGrid
 from bayesso.laplace import LaplaceFit, fit_laplace, log_marginal_likelihood, optimize_prior_precision
-from bayesso.likelihoods import Classification, Likelihood, Regression, get_likelihood
+from bayesso.likelihoods import Likelihood, Regression, get_likelihood
 from bayesso.posteriors import POSTERIORS, KroneckerGaussian, Posterior
 from bayesso.predict.linearized import linearized_predictive, probit_predictive
 from bayesso.predict.monte_carlo import mc_predictive
 from bayesso.predict.predictive import Predictive, check_n_samples
+from bayesso.saved_state import check_entries, check_keys
+from bayesso.training import fit
 
 __all__ = ["PREDICTIVES", "BayesianModel"]
 
 PREDICTIVES = ("mc", "linearized", "probit")
+MODEL_KEYS = ("module", "posterior", "posterior_modules", "posterior_options", "likelihood", "sigma", "laplace")
 
 
 class BayesianModel:
@@ -70,6 +75,7 @@ class BayesianModel:
         else:
             raise ValueError(f"posterior must be 'diag', 'kron', 'full' or a Posterior, got {posterior!r}")
         self.laplace_fit: LaplaceFit | None = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the last ``fit``'s
 
     @contextmanager
     def sample_parameters(self, generator: torch.Generator | None = None) -> Iterator[None]:
@@ -84,57 +90,31 @@ class BayesianModel:
         method: str = "vogn",
         epochs: int = 1,
         progress: bool = True,
+        *,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int | str = "epoch",
+        resume: bool = True,
+        grid: ProcessGrid | None = None,
         **optimizer_options,
     ) -> list[dict]:
         """Natural-gradient VI over ``loader`` of (x, y) batches with a preset optimizer.
 
-        ``method``: "vogn", "noisy_kfac", "noisy_adam" or "ivon"; ``optimizer_options``
-        go to the preset (``lr``, ``mc_samples``, ...). The closure's loss is the batch
-        mean of the NLL. Returns one dict per epoch with the mean loss and, for
-        classification, the running accuracy (at the sampled weights).
+        ``method``: "vogn", "noisy_kfac", "noisy_adam" or "ivon"; ``optimizer_options`` go to the
+        preset (``lr``, ``mc_samples``, ...). The closure's loss is the batch mean of the NLL.
+        Every batch is checked first (``bayesso.batches``). Returns one dict per epoch with the
+        mean loss and, for classification, the running accuracy (at the sampled weights).
+
+        All or nothing: if it raises, the module, posterior and Laplace record are as before
+        (Ctrl-C keeps the updates made so far). ``checkpoint``: a file written every
+        ``checkpoint_every`` updates (or at the end of each epoch, "epoch") and at the end; if it
+        exists, training resumes from it bit-identically (``resume=False`` starts afresh);
+        ``epochs`` counts from the start of the run. ``grid``: data- and MC-parallel training over
+        ``bayesso.distributed`` (``dataset_size`` defaults to the sum of the shards). The optimizer is
+        kept as ``self.optimizer``. See ``bayesso.training``.
         """
-        from bayesso.optim import PRESETS
-
-        if method not in PRESETS:
-            raise ValueError(f"method must be one of {sorted(PRESETS)}, got {method!r}")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-        if self.posterior.dataset_size is None and "dataset_size" not in optimizer_options:
-            dataset = getattr(loader, "dataset", None)
-            if dataset is None or not hasattr(dataset, "__len__"):
-                raise ValueError("dataset_size is unknown and the loader has no sized dataset: pass dataset_size=N")
-            optimizer_options["dataset_size"] = len(dataset)
-        optimizer = PRESETS[method](self, **optimizer_options)
-        self.optimizer = optimizer
-        history = []
-        self.module.train()
-        for epoch in range(epochs):
-            total = count = correct = 0.0
-            bar = tqdm(loader, desc=f"{method} {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for x, y in bar:
-                last = {}
-
-                def closure(x=x, y=y, last=last):
-                    optimizer.zero_grad()
-                    outputs = self.module(x)
-                    loss = self.likelihood.nll(outputs, y) / len(y)
-                    loss.backward()
-                    last["outputs"] = outputs.detach()
-                    return loss
-
-                loss = optimizer.step(closure)
-                total += float(loss) * len(y)
-                count += len(y)
-                postfix = {"loss": f"{total / count:.4f}"}
-                if isinstance(self.likelihood, Classification):
-                    correct += float((last["outputs"].argmax(-1) == y).sum())
-                    postfix["acc"] = f"{correct / count:.3f}"
-                bar.set_postfix(postfix)
-            record = {"epoch": epoch + 1, "loss": total / max(count, 1)}
-            if isinstance(self.likelihood, Classification):
-                record["accuracy"] = correct / max(count, 1)
-            history.append(record)
-        return history
+        return fit(
+            self, loader, method, epochs, progress, checkpoint, checkpoint_every, resume, grid, optimizer_options
+        )
 
     def fit_laplace(
         self,
@@ -197,11 +177,11 @@ class BayesianModel:
         ``grid``, "mc" shards the samples over all ranks (same ``x`` and generator seed on every rank)
         and every rank gets the full result.
         """
-        if method not in PREDICTIVES:
-            raise ValueError(f"method must be one of {', '.join(map(repr, PREDICTIVES))}; got {method!r}")
-        check_n_samples(n_samples)
-        if not isinstance(x, Tensor) or x.ndim == 0 or len(x) == 0:
-            raise ValueError(f"x must be a non-empty batch tensor (B, ...), got {_describe_input(x)}")
+        with (grid or ProcessGrid()).lockstep("prediction arguments"):  # refused on one rank: on every rank
+            if method not in PREDICTIVES:
+                raise ValueError(f"method must be one of {', '.join(map(repr, PREDICTIVES))}; got {method!r}")
+            check_n_samples(n_samples)
+            check_inputs(x)
         was_training = self.module.training
         self.module.eval()
         try:
@@ -215,10 +195,12 @@ class BayesianModel:
             self.module.train(was_training)
 
     def save(self, path: str | Path) -> None:
-        """Save the module's state (the mean) and the posterior's state."""
+        """Save the module's state (the mean), the posterior and the Laplace record, atomically with checksums."""
         posterior = self.posterior
         options = {"kfac_damping": posterior.kfac_damping} if isinstance(posterior, KroneckerGaussian) else {}
-        torch.save(
+        write_checkpoint(
+            path,
+            "model",
             {
                 "module": self.module.state_dict(),
                 "posterior": posterior.state_dict(),
@@ -226,34 +208,38 @@ class BayesianModel:
                 "posterior_options": options,
                 "likelihood": self.likelihood.name,
                 "sigma": self.likelihood.sigma_value if isinstance(self.likelihood, Regression) else 1.0,
+                "laplace": None if self.laplace_fit is None else asdict(self.laplace_fit),
             },
-            path,
         )
 
     @classmethod
     def load(cls, path: str | Path, module: nn.Module) -> BayesianModel:
-        """Rebuild a ``BayesianModel`` saved with ``save`` on a module of the same architecture."""
-        state = torch.load(path, weights_only=True)
-        module.load_state_dict(state["module"])
-        model = cls(
-            module,
-            state["likelihood"],
-            posterior=state["posterior"]["structure"],
-            sigma=state["sigma"],
-            modules=state["posterior_modules"],
-            **state["posterior_options"],
-        )
-        model.posterior.load_state_dict(state["posterior"])
+        """Rebuild a ``BayesianModel`` saved with ``save`` on a module of the same architecture.
+
+        The file's checksums, then every key, shape and dtype are checked before ``module`` is
+        touched; any mismatch is a ``CheckpointError`` naming the file and the first mismatch.
+        """
+        content = read_checkpoint(path, "model")
+        try:
+            check_keys(content, MODEL_KEYS, "the saved model")
+            check_entries(content["module"], module.state_dict(), "the module state")
+            model = cls(
+                module,
+                content["likelihood"],
+                posterior=content["posterior"]["structure"],
+                sigma=content["sigma"],
+                modules=content["posterior_modules"],
+                **content["posterior_options"],
+            )
+            model.posterior.load_state_dict(content["posterior"])
+            model.laplace_fit = None if content["laplace"] is None else LaplaceFit(**content["laplace"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"{path}: {error}") from error
+        module.load_state_dict(content["module"])
         return model
 
     def __repr__(self) -> str:
         return f"BayesianModel({type(self.module).__name__}, {self.likelihood!r}, {self.posterior!r})"
-
-
-def _describe_input(x) -> str:
-    if isinstance(x, Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def _check_fits(module: nn.Module, x: Tensor) -> None:

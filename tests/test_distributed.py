@@ -177,13 +177,21 @@ def _launch(command: list[str]) -> str:
     return result.stdout
 
 
-EXAMPLE = [str(Path(__file__).parents[1] / "examples" / "distributed_vi.py"), "--mc-groups", "2", "--epochs", "1"]
+def _example(folder: Path, epochs: int) -> list[str]:
+    script = str(Path(__file__).parents[1] / "examples" / "distributed_vi.py")
+    return [script, "--mc-groups", "2", "--epochs", str(epochs), "--checkpoint", str(folder / "vi.pt")]
 
 
 @pytest.mark.slow
-def test_the_example_runs_under_torchrun():
-    out = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *EXAMPLE])
+def test_the_example_runs_under_torchrun_and_resumes_from_its_checkpoints(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = _launch([*launcher, *_example(tmp_path, 1)])
     assert "epoch 1: loss" in out and "2 processes (1 data x 2 MC): accuracy" in out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["vi.rank0.pt", "vi.rank0.pt.previous", "vi.rank1.pt", "vi.rank1.pt.previous"]
+    first = out.splitlines()[0]
+    out = _launch([*launcher, *_example(tmp_path, 2)])  # epoch 1 comes from the checkpoints, epoch 2 is trained
+    assert out.splitlines()[0] == first and "epoch 2: loss" in out
 
 
 @pytest.mark.slow
@@ -191,6 +199,18 @@ def test_the_example_runs_under_torchrun():
     shutil.which("mpirun") is None or importlib.util.find_spec("mpi4py") is None,
     reason="needs Open MPI's mpirun and mpi4py (.ci/run installs both where apt and pip allow)",
 )
-def test_the_example_runs_under_mpirun():
-    out = _launch(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, *EXAMPLE])
+def test_the_example_runs_under_mpirun(tmp_path):
+    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable, *_example(tmp_path, 1)]
+    out = _launch(command)
     assert "epoch 1: loss" in out and "2 processes (1 data x 2 MC): accuracy" in out
+
+
+def test_lockstep_in_one_process_passes_values_through_and_errors_unchanged():
+    grid = ProcessGrid()
+    with grid.lockstep("work") as shared:
+        shared.values = [1.5, 2.0]
+    assert shared.totals.tolist() == [1.5, 2.0] and shared.totals.dtype == torch.float64
+    with pytest.raises(KeyError, match="inside"), grid.lockstep("work"):
+        raise KeyError("inside")
+    with pytest.raises(ValueError, match="at most 4 values, got 5"), grid.lockstep("work") as shared:
+        shared.values = [0.0] * 5

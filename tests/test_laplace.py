@@ -271,7 +271,7 @@ def test_bad_input_changes_nothing():
         model.fit_laplace([], progress=False)
     with pytest.raises(ValueError, match="batch size mismatch"):
         model.fit_laplace([(x, y[:3])], progress=False)
-    with pytest.raises(ValueError, match=r"must yield \(x, y\) batches"):
+    with pytest.raises(ValueError, match=r"expected \(x, y\) batches"):
         model.fit_laplace([x], progress=False)
     with pytest.raises(ValueError, match="prior_precision must be positive and finite"):
         model.fit_laplace([(x, y)], prior_precision=-1.0, progress=False)
@@ -298,3 +298,36 @@ def test_bad_input_changes_nothing():
         model.optimize_prior_precision(optimize_sigma=True)
     with pytest.raises(ValueError, match="method must be 'marglik' or 'grid'"):
         model.optimize_prior_precision("bayes")
+
+
+class AttentionBlock(nn.Module):
+    """A small transformer block: attention (generic fallback), layer norm and linear layers (rules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        attended, _ = self.attention(h, h, h, need_weights=False)
+        return self.head(self.norm(h + attended).mean(dim=1))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_laplace_and_evidence_tuning_on_a_transformer_block(structure):
+    torch.manual_seed(0)
+    module = AttentionBlock().eval()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 5, 4, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    model = BayesianModel(module, "classification", structure, prior_precision=1.0)
+    model.fit_laplace(make_loader(x, y, 10), progress=False)
+    statistic = [t for block in model.posterior.statistic.blocks.values() for t in block.tensors()]
+    assert not any(t.requires_grad for t in statistic)
+    start = float(model.log_marginal_likelihood())
+    result = model.optimize_prior_precision()
+    assert math.isfinite(result["log_marginal_likelihood"]) and result["log_marginal_likelihood"] > start
+    assert model.predict(x, method="probit").probs.shape == (40, 3)

@@ -108,9 +108,33 @@ def test_predict_rejects_bad_arguments_and_leaves_the_model_alone():
         model.predict(x[:, :4])
     with pytest.raises(ValueError, match="x must be a non-empty batch tensor"):
         model.predict(x[:0])
-    with pytest.raises(ValueError, match="x must be a non-empty batch tensor .* got list"):
+    with pytest.raises(ValueError, match="x must be a non-empty batch tensor .* got a list"):
         model.predict([1.0, 2.0])
     with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
         model.predict(x, chunk_size=0)
     assert model.module.training
     assert all(torch.equal(p, b) for p, b in zip(model.module.parameters(), before))
+
+
+def test_save_and_load_keep_the_laplace_record(tmp_path):
+    case = CASES_BY_NAME["mlp_regression"]
+    module, x, y = case.data(batch_size=12)
+    model = BayesianModel(module, case.likelihood, "kron", prior_precision=2.0, sigma=0.7)
+    model.fit_laplace([(x, y)], progress=False)
+    model.save(tmp_path / "model.pt")
+    loaded = BayesianModel.load(tmp_path / "model.pt", case.build().double())
+    assert loaded.laplace_fit == model.laplace_fit
+    torch.testing.assert_close(loaded.log_marginal_likelihood(), model.log_marginal_likelihood(), rtol=0, atol=0)
+    expected = model.optimize_prior_precision(optimize_sigma=True)
+    result = loaded.optimize_prior_precision(optimize_sigma=True)
+    assert result["log_marginal_likelihood"] == expected["log_marginal_likelihood"]
+
+
+def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    model, _, _ = fitted_bayesian_model("diag", "mlp")
+    model.save(tmp_path / "model.pt")
+    saved = (tmp_path / "model.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", lambda payload, handle: (handle.write(b"partial"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        model.save(tmp_path / "model.pt")
+    assert (tmp_path / "model.pt").read_bytes() == saved and len(list(tmp_path.iterdir())) == 1

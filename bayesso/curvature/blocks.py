@@ -6,8 +6,8 @@ of the SUMMED NLL. Arithmetic keeps that meaning:
 
 - ``a + b`` is the curvature of the union of the two batches;
 - ``c * a`` scales the matrix;
-- ``a.ema_(b, beta)`` sets a <- beta * a + (1 - beta) * b (beta weighs the OLD value,
-  as in ``torch.optim.Adam``; PyTorch-SSO's ``ema_decay`` is 1 - beta);
+- ``a.ema(b, beta)`` is beta * a + (1 - beta) * b as a new block (``ema_`` in place; beta
+  weighs the OLD value, as in ``torch.optim.Adam``; PyTorch-SSO's ``ema_decay`` is 1 - beta);
 - ``flatten()`` / ``load_flat_()`` give one buffer for all-reduce, additive:
   flatten(a + b) == flatten(a) + flatten(b), so a summed all-reduce adds batches.
 """
@@ -73,13 +73,26 @@ class Block(ABC):
             offset += t.numel()
         return self
 
-    def ema_(self, other: Block, beta: float) -> Block:
-        """self <- beta * self + (1 - beta) * other, factor by factor for Kronecker blocks."""
+    @abstractmethod
+    def with_tensors(self, tensors: list[Tensor]) -> Block:
+        """A block over the same parameters holding ``tensors`` (in ``tensors()`` order)."""
+
+    def is_finite(self) -> bool:
+        """Whether every entry is finite (by sums: a sum is non-finite exactly when an entry is, barring overflow)."""
+        return all(bool(torch.isfinite(t.sum())) for t in self.tensors())
+
+    def ema(self, other: Block, beta: float) -> Block:
+        """beta * self + (1 - beta) * other as a new block (factor by factor for Kronecker blocks)."""
         self._check_same(other)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine.mul_(beta).add_(theirs, alpha=1 - beta)
+        pairs = zip(self.tensors(), other.tensors())
+        return self.with_tensors([torch.lerp(new.detach().to(old.dtype), old, beta) for old, new in pairs])
+
+    def ema_(self, other: Block, beta: float) -> Block:
+        """self <- beta * self + (1 - beta) * other, in place."""
+        for mine, new in zip(self.tensors(), self.ema(other, beta).tensors()):
+            mine.copy_(new)
         return self
 
     @abstractmethod
@@ -104,12 +117,16 @@ class Block(ABC):
 class _SingleTensorBlock(Block):
     """A block held in one tensor, so that sums and scalings act on that tensor."""
 
+    def with_tensors(self, tensors: list[Tensor]) -> Block:
+        (tensor,) = tensors
+        return type(self)(self.names, self.shapes, tensor)
+
     def __add__(self, other: Block) -> Block:
         self._check_same(other)
-        return type(self)(self.names, self.shapes, self.tensors()[0] + other.tensors()[0])
+        return self.with_tensors([self.tensors()[0] + other.tensors()[0]])
 
     def __mul__(self, scale: float) -> Block:
-        return type(self)(self.names, self.shapes, self.tensors()[0] * scale)
+        return self.with_tensors([self.tensors()[0] * scale])
 
 
 class DiagBlock(_SingleTensorBlock):
@@ -214,6 +231,10 @@ class KronBlock(Block):
 
     def tensors(self) -> list[Tensor]:
         return [self.A, self.G, self.n]
+
+    def with_tensors(self, tensors: list[Tensor]) -> KronBlock:
+        A, G, n = tensors
+        return KronBlock(self.names, self.shapes, A, G, n, self.layout)
 
     def flatten(self) -> Tensor:
         return torch.cat([(self.A * self.n).reshape(-1), self.G.reshape(-1), self.n])

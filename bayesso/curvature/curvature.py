@@ -80,6 +80,12 @@ class Curvature:
     def _like(self, blocks: dict[str, Block], n_examples: int) -> Curvature:
         return Curvature(blocks, self.parameter_names, self.parameter_shapes, self.kind, n_examples)
 
+    def with_blocks(self, blocks: dict[str, Block]) -> Curvature:
+        """A curvature over the same parameters with ``blocks`` (same names) in place of these."""
+        if blocks.keys() != self.blocks.keys():
+            raise ValueError("with_blocks needs a block for every module of this curvature")
+        return self._like(blocks, self.n_examples)
+
     def _check_same(self, other: Curvature) -> None:
         if not isinstance(other, Curvature) or other.blocks.keys() != self.blocks.keys():
             raise ValueError("cannot combine curvatures over different modules")

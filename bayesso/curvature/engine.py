@@ -90,6 +90,7 @@ class CurvatureEngine:
         self.plans = plan_modules(module, modules, use_rules=kind != "hessian")
         self._check_sizes(max_dense_bytes)
         self._warned: set[str] = set()
+        self.warn_training_batchnorm = True  # off where the caller, not the user, chose training mode
         fallback = [p for p in self.plans if p.rule is None]
         if fallback and kind != "hessian":
             self._warn_fallback(fallback, "no curvature rule, or parameters shared with another module")
@@ -200,7 +201,7 @@ class CurvatureEngine:
         return Curvature(blocks, self.parameter_names, self.parameter_shapes, self.kind, batch_size)
 
     def _warn_training_batchnorm(self) -> None:
-        if "batchnorm" in self._warned:
+        if "batchnorm" in self._warned or not self.warn_training_batchnorm:
             return
         training = [
             p.label() for p in self.plans if isinstance(p.module, nn.modules.batchnorm._BatchNorm) and p.module.training

@@ -1,8 +1,9 @@
 """Optimizers: natural-gradient VI (VOGN, noisy K-FAC, noisy Adam, IVON) and the K-FAC SecondOrderOptimizer."""
 
 from bayesso.optim.ivon import IVON, ivon_hessian_update
+from bayesso.optim.presets import VOGN, NoisyAdam, NoisyKFAC
 from bayesso.optim.second_order import SecondOrderOptimizer
-from bayesso.optim.vi import VOGN, NoisyAdam, NoisyKFAC, VIOptimizer
+from bayesso.optim.vi import VIOptimizer
 
 PRESETS = {"vogn": VOGN, "noisy_adam": NoisyAdam, "noisy_kfac": NoisyKFAC, "ivon": IVON}
 

@@ -1,20 +1,34 @@
-"""What one optimizer step consumes: flat gradients and curvature, checked, summed over micro-batches.
+"""What one optimizer step consumes: the closure's loss, flat gradients and curvature, checked,
+summed over micro-batches.
 
 Shared by ``VIOptimizer`` and ``SecondOrderOptimizer``: with ``accumulation_steps = k`` each
 ``step(closure)`` adds one micro-batch and every k-th applies the update with the mean
-gradient and the curvature of all k micro-batches per example.
+gradient and the curvature of all k micro-batches per example. Each closure returns its
+batch MEAN, so micro-batch gradients are averaged with equal weights; micro-batches whose
+sizes differ by more than 10 % are warned about (their examples would not count equally).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bayesso.curvature import Curvature
 
-__all__ = ["MicroBatchSums", "check_positive", "flat_gradient", "nonfinite_part"]
+__all__ = [
+    "MicroBatchSums",
+    "check_positive",
+    "closure_loss",
+    "flat_gradient",
+    "nonfinite_part",
+    "recorded_batch_sizes",
+]
+
+UNEVEN = 0.9  # warn when the smallest micro-batch is below this fraction of the largest
 
 
 def check_positive(name: str, value, integer: bool = False) -> None:
@@ -23,6 +37,37 @@ def check_positive(name: str, value, integer: bool = False) -> None:
     if not ok or not math.isfinite(value) or value <= 0:
         kind = "a positive integer" if integer else "positive and finite"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def closure_loss(loss) -> Tensor:
+    """The detached scalar loss a closure returned; a clear error for anything else (e.g. a forgotten return)."""
+    if isinstance(loss, Tensor) and loss.numel() == 1:
+        return loss.detach().reshape(())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return torch.tensor(float(loss))
+    what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
+    raise ValueError(
+        f"the closure must return the batch-mean loss as a scalar tensor (end it with `return loss`), got {what}"
+    )
+
+
+@contextmanager
+def recorded_batch_sizes(module: nn.Module, enabled: bool) -> Iterator[list[int]]:
+    """Context collecting the batch size of every forward of ``module`` inside it (when ``enabled``)."""
+    sizes: list[int] = []
+    if not enabled:
+        yield sizes
+        return
+
+    def record(_module, _args, output) -> None:
+        if isinstance(output, Tensor) and output.ndim:
+            sizes.append(output.shape[0])
+
+    handle = module.register_forward_hook(record)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
 
 
 def flat_gradient(params: list[Tensor]) -> Tensor:
@@ -60,8 +105,13 @@ class MicroBatchSums:
         self.grad: Tensor | None = None
         self.curvature: Curvature | None = None
         self.estimate: Tensor | None = None
+        self.sizes: list[int] = []
 
-    def add(self, grad: Tensor, curvature: Curvature | None = None, estimate: Tensor | None = None) -> None:
+    def add(
+        self, grad: Tensor, curvature: Curvature | None = None, estimate: Tensor | None = None, size: int | None = None
+    ) -> None:
+        """Add one micro-batch (``size`` examples, when known). Never modifies tensors in place."""
+        self.sizes = [*self.sizes, size] if size is not None else self.sizes
         self.grad = grad if self.grad is None else self.grad + grad
         if curvature is not None:
             self.curvature = curvature if self.curvature is None else self.curvature + curvature
@@ -73,6 +123,10 @@ class MicroBatchSums:
         """RuntimeError in the middle of an accumulation: optimizer state is saved after full updates."""
         if self.count:
             raise RuntimeError("state_dict() in the middle of gradient accumulation; save after a full update")
+
+    def uneven(self) -> bool:
+        """Whether the micro-batches so far differ in size by more than 10 %."""
+        return len(self.sizes) > 1 and min(self.sizes) < UNEVEN * max(self.sizes)
 
     def mean(self) -> tuple[Tensor, Curvature | None, Tensor | None]:
         """(mean gradient, curvature per example, mean estimate), and reset."""

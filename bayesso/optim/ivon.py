@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from bayesso.optim.accumulation import check_positive
-from bayesso.optim.vi import _Preset
+from bayesso.optim.presets import _Preset
 from bayesso.posteriors import DiagonalGaussian
 
 if TYPE_CHECKING:
@@ -57,12 +57,13 @@ class IVON(_Preset):
         super().__init__(model, lr, curvature=None, init_precision=hess_init, **options)
         self.clip_radius = clip_radius
 
-    def _before_sampling(self) -> None:
+    def _sampling_scale(self) -> Tensor:
+        """1/σ per parameter (0 where σ = 0), for ĥ = ĝ ε / σ."""
         variance = self.posterior.variance()
-        self._inverse_std = torch.where(variance > 0, variance.clamp_min(torch.finfo(variance.dtype).tiny).rsqrt(), 0)
+        return torch.where(variance > 0, variance.clamp_min(torch.finfo(variance.dtype).tiny).rsqrt(), 0)
 
-    def _sample_statistic(self, grad: Tensor, eps: Tensor) -> Tensor:
-        return grad * eps * self._inverse_std
+    def _sample_statistic(self, grad: Tensor, eps: Tensor, scale: Tensor) -> Tensor:
+        return grad * eps * scale
 
     def _update(self, grad: Tensor, curvature, estimate) -> None:
         posterior = self.posterior
@@ -71,9 +72,9 @@ class IVON(_Preset):
         damping = torch.cat([lam.expand(p.numel) for lam, p in zip(posterior.block_damping(), posterior.plans)])
         h = torch.cat([block[p.name].values for p in posterior.plans])
         h = ivon_hessian_update(h, estimate, beta2, damping)
-        for plan, where in zip(posterior.plans, posterior.block_slices()):
-            block[plan.name].values.copy_(h[where])
-        posterior.refresh()
+        slices = zip(posterior.plans, posterior.block_slices())
+        updated = {p.name: block[p.name].with_tensors([h[where]]) for p, where in slices}
+        posterior.update_statistic(posterior.statistic.with_blocks(updated))  # checked, and undone if the step fails
         super()._update(grad, None, None)
 
     def _direction(self, velocity: Tensor) -> Tensor:

@@ -29,10 +29,18 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import CurvatureEngine
-from bayesso.distributed import ProcessGrid, reduce_step
+from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Likelihood, get_likelihood
-from bayesso.optim.accumulation import MicroBatchSums, check_positive, flat_gradient, nonfinite_part
+from bayesso.optim.accumulation import (
+    MicroBatchSums,
+    check_positive,
+    closure_loss,
+    flat_gradient,
+    recorded_batch_sizes,
+)
+from bayesso.optim.atomic import atomic_step, check_candidate
 from bayesso.posteriors import POSTERIORS
+from bayesso.saved_state import check_count, check_keys, check_tensor
 
 __all__ = ["SecondOrderOptimizer"]
 
@@ -112,36 +120,38 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._momentum: Tensor | None = None
         self._sums = MicroBatchSums()
 
-    def step(self, closure) -> Tensor:
-        """One micro-batch through ``closure``; every ``accumulation_steps``-th call updates the weights."""
+    def step(self, closure=None) -> Tensor:
+        """One micro-batch through ``closure``; every ``accumulation_steps``-th call updates the weights.
+
+        All or nothing: if anything fails (the closure, a non-finite candidate, a decomposition,
+        another rank), the weights and the optimizer's state are as before.
+        """
+        return atomic_step(
+            self,
+            self.preconditioner,
+            [self.generator],
+            lambda: self._evaluate(closure),
+            "weights, curvature and step count",
+            "If it recurs, raise damping or lower lr",
+        )
+
+    def _evaluate(self, closure):
         if closure is None:
-            raise ValueError("SecondOrderOptimizer records the curvature of the closure's forward: pass a closure")
+            raise ValueError(
+                "SecondOrderOptimizer records the curvature of the closure's forward: step() needs a closure that "
+                "zeroes the gradients, computes the batch-mean loss, calls backward() and returns the loss"
+            )
         _check_group(self.param_groups[0])
         curvature_step = self._step % self.curv_interval == 0
         capture = self.engine.capture(self.generator) if curvature_step else nullcontext()
-        with torch.enable_grad(), capture:
-            loss = closure()
-        loss = torch.as_tensor(loss).detach()
+        with recorded_batch_sizes(self.module, self.accumulation_steps > 1) as sizes, torch.enable_grad(), capture:
+            loss = closure_loss(closure())
         grad = flat_gradient(self.preconditioner.parameters).to(self.preconditioner.dtype)
-        curvature = capture.curvature() if curvature_step and torch.isfinite(loss).all() else None
-        loss, grad, curvature, _ = reduce_step(self.grid, loss, grad, curvature)
-        bad = nonfinite_part(loss, grad, curvature)
-        if bad:
-            if self.skip_nonfinite:
-                self.skipped_steps += 1
-                return loss
-            raise FloatingPointError(
-                f"non-finite {bad} at step {self._step}: weights, curvature and step count are unchanged; pass "
-                "skip_nonfinite=True to skip such steps, or raise damping / lower lr"
-            )
-        self._sums.add(grad, curvature)
-        if self._sums.count == self.accumulation_steps:
-            grad, curvature, _ = self._sums.mean()
-            self._update(grad, curvature)
-            self._step += 1
-        return loss
+        curvature = capture.curvature() if curvature_step and torch.isfinite(loss) else None
+        return loss, grad, curvature, None, sizes[0] if sizes else None
 
-    def _update(self, grad: Tensor, curvature) -> None:
+    def _update(self, grad: Tensor, curvature, _estimate=None) -> None:
+        """The curvature EMA and decompositions, then the weights, which are checked before they are written."""
         group, preconditioner = self.param_groups[0], self.preconditioner
         refresh = self._step % self.inv_interval == 0
         if curvature is not None:
@@ -158,14 +168,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         step = preconditioner.precondition(direction)
         if group["kl_clip"] is not None:
             step = step * self.kl_scale(step, direction)
+        momentum = self._momentum
         if group["momentum"]:
-            if self._momentum is None:
-                self._momentum = torch.zeros_like(step)
-            step = self._momentum.mul_(group["momentum"]).add_(step)
+            momentum = step if momentum is None else momentum * group["momentum"] + step
+            step = momentum
         new = theta - group["lr"] * step
         if group["decoupled_weight_decay"]:
             new = new - group["lr"] * group["decoupled_weight_decay"] * theta
+        check_candidate(new, "update of the weights")
         preconditioner.set_mean(new)
+        self._momentum = momentum
 
     def kl_scale(self, step: Tensor, direction: Tensor) -> float:
         """ν = min(1, sqrt(κ / (α² stepᵀ direction))): caps the step's approximate KL change at κ."""
@@ -189,12 +201,29 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "second_order"})
+        """Load ``state_dict`` output; everything is checked against this optimizer first, so a state
+        from another architecture or optimizer is refused whole and changes nothing."""
+        if not isinstance(state_dict, dict) or "second_order" not in state_dict:
+            raise ValueError("the optimizer state has no 'second_order' entry: not saved by a SecondOrderOptimizer")
         saved = state_dict["second_order"]
+        keys = ("step", "skipped_steps", "stale", "momentum", "generator", "preconditioner")
+        check_keys(saved, keys, "second_order")
+        check_count(saved["step"], "second_order['step']")
+        check_count(saved["skipped_steps"], "second_order['skipped_steps']")
+        if not isinstance(saved["stale"], bool):
+            raise ValueError(f"second_order['stale'] must be True or False, got {saved['stale']!r}")
+        numel, dtype = self.preconditioner.numel, self.preconditioner.dtype
+        if saved["momentum"] is not None:
+            check_tensor(saved["momentum"], torch.empty(numel, dtype=dtype), "second_order['momentum']")
+        check_tensor(saved["generator"], self.generator.get_state(), "second_order['generator']")
+        self.preconditioner.check_state(saved["preconditioner"], "second_order['preconditioner']")
+        with self.preconditioner.atomic():  # torch checks the param groups before it changes them
+            self.preconditioner.load_state_dict(saved["preconditioner"])
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != "second_order"})
         self._step, self.skipped_steps, self._stale = saved["step"], saved["skipped_steps"], saved["stale"]
-        self._momentum = None if saved["momentum"] is None else saved["momentum"].clone()
+        device = self.preconditioner.parameters[0].device
+        self._momentum = None if saved["momentum"] is None else saved["momentum"].to(device, copy=True)
         self.generator.set_state(saved["generator"])
-        self.preconditioner.load_state_dict(saved["preconditioner"])
         self._sums = MicroBatchSums()
 
 

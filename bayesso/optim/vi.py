@@ -1,4 +1,4 @@
-"""Natural-gradient variational inference: ``VIOptimizer`` and the presets VOGN, NoisyAdam, NoisyKFAC.
+"""Natural-gradient variational inference: ``VIOptimizer`` (the presets are in ``presets.py`` and ``ivon.py``).
 
 One step (ALGORITHMS.md section 2), with δ̃ = τδ/N per block and λ = δ̃ + γ:
 
@@ -21,20 +21,27 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from bayesso.curvature import CurvatureEngine, DenseBlock, DiagBlock, KronBlock
-from bayesso.distributed import ProcessGrid, reduce_step
-from bayesso.optim.accumulation import MicroBatchSums, check_positive, flat_gradient, nonfinite_part
-from bayesso.posteriors import KroneckerGaussian
+from bayesso.curvature import Curvature, CurvatureEngine, DenseBlock, DiagBlock, KronBlock
+from bayesso.distributed import ProcessGrid
+from bayesso.optim.accumulation import (
+    MicroBatchSums,
+    check_positive,
+    closure_loss,
+    flat_gradient,
+    recorded_batch_sizes,
+)
+from bayesso.optim.atomic import atomic_step, check_candidate
+from bayesso.saved_state import check_count, check_keys, check_tensor
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
 
-__all__ = ["VOGN", "NoisyAdam", "NoisyKFAC", "VIOptimizer"]
+__all__ = ["VIOptimizer"]
 
 MOMENTUM_TYPES = ("raw", "adam")
 CURVATURE_KINDS = ("fisher_emp", "fisher_mc", "ggn")
@@ -99,7 +106,11 @@ class VIOptimizer(torch.optim.Optimizer):
             check_positive(name, value, integer=True)
         check_positive("accumulation_steps", accumulation_steps, integer=True)
         check_positive("augmentation_factor", augmentation_factor)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+        ):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if momentum not in MOMENTUM_TYPES:
             raise ValueError(f"momentum must be 'raw' or 'adam', got {momentum!r}")
@@ -110,7 +121,43 @@ class VIOptimizer(torch.optim.Optimizer):
         if temperature_warmup is not None:
             check_positive("temperature_warmup[0]", temperature_warmup[0])
             check_positive("temperature_warmup[1]", temperature_warmup[1], integer=True)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         posterior = model.posterior
+        with posterior.atomic():  # the posterior takes the options only if all of them are valid
+            self._configure(posterior, temperature, damping, prior_precision, dataset_size, augmentation_factor)
+            if deterministic_batchnorm:
+                posterior.deterministic |= {
+                    p.name for p in posterior.plans if isinstance(p.module, nn.modules.batchnorm._BatchNorm)
+                }
+            engine = None
+            if curvature is not None:
+                engine = CurvatureEngine(
+                    model.module,
+                    model.likelihood,
+                    curvature,
+                    posterior.structure,
+                    modules=[plan.name for plan in posterior.plans],
+                    kfac_approx=kfac_approx,
+                )
+            if init_precision is not None:
+                posterior.update_statistic(_isotropic(posterior, init_precision))
+        params = posterior.parameters
+        super().__init__(params, {"lr": lr, "betas": tuple(betas)})
+        self.model, self.posterior, self.engine = model, posterior, engine
+        self.mc_samples, self.momentum_type = mc_samples, momentum
+        self.curv_interval, self.inv_interval, self.accumulation_steps = curv_interval, inv_interval, accumulation_steps
+        self.temperature_target, self.temperature_warmup = posterior.temperature, temperature_warmup
+        self.skip_nonfinite = skip_nonfinite
+        self.grid = grid or ProcessGrid()
+        self.generator = torch.Generator(device=params[0].device).manual_seed(seed)
+        self.label_generator = torch.Generator(device=params[0].device).manual_seed(seed + 1 + self.grid.rank)
+        self._step, self.skipped_steps = 0, 0
+        self._momentum: Tensor | None = None
+        self._sums = MicroBatchSums()
+
+    @staticmethod
+    def _configure(posterior, temperature, damping, prior_precision, dataset_size, augmentation_factor) -> None:
         if temperature is not None:
             posterior.temperature = temperature
         if damping is not None:
@@ -123,61 +170,23 @@ class VIOptimizer(torch.optim.Optimizer):
             raise ValueError("dataset_size is unknown: pass dataset_size=N here or to the BayesianModel")
         elif augmentation_factor != 1.0:
             posterior.dataset_size = posterior.dataset_size * augmentation_factor
-        if deterministic_batchnorm:
-            posterior.deterministic |= {
-                p.name for p in posterior.plans if isinstance(p.module, nn.modules.batchnorm._BatchNorm)
-            }
-        params = posterior.parameters
-        super().__init__(params, {"lr": lr, "betas": tuple(betas)})
-        self.model, self.posterior = model, posterior
-        self.mc_samples, self.momentum_type = mc_samples, momentum
-        self.curv_interval, self.inv_interval, self.accumulation_steps = curv_interval, inv_interval, accumulation_steps
-        self.temperature_target, self.temperature_warmup = posterior.temperature, temperature_warmup
-        self.skip_nonfinite = skip_nonfinite
-        self.engine = None
-        if curvature is not None:
-            self.engine = CurvatureEngine(
-                model.module,
-                model.likelihood,
-                curvature,
-                posterior.structure,
-                modules=[plan.name for plan in posterior.plans],
-                kfac_approx=kfac_approx,
-            )
-        self.grid = grid or ProcessGrid()
-        self.generator = torch.Generator(device=params[0].device).manual_seed(seed)
-        self.label_generator = torch.Generator(device=params[0].device).manual_seed(seed + 1 + self.grid.rank)
-        if init_precision is not None:
-            _set_isotropic(posterior, init_precision)
-        self._step, self.skipped_steps = 0, 0
-        self._momentum: Tensor | None = None
-        self._sums = MicroBatchSums()
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self, closure=None) -> Tensor:
-        """One natural-gradient VI step; returns the mean loss over the MC samples."""
-        if closure is None:
-            raise ValueError("VI optimizers evaluate the loss at sampled weights: step() needs a closure")
-        check_positive("lr", self.param_groups[0]["lr"])
-        self._apply_temperature()
-        curvature_step = self.engine is not None and self._step % self.curv_interval == 0
-        loss, grad, curvature, estimate = reduce_step(self.grid, *self._evaluate(closure, curvature_step))
-        bad = nonfinite_part(loss, grad, curvature, estimate)
-        if bad:
-            if self.skip_nonfinite:
-                self.skipped_steps += 1
-                return loss
-            raise FloatingPointError(
-                f"non-finite {bad} at step {self._step}: the posterior mean, statistic and step count are "
-                "unchanged; pass skip_nonfinite=True to skip such steps. If it recurs, the sampled weights are "
-                "too noisy or the steps too long: raise prior_precision, lower the temperature, raise damping "
-                "or lower lr (for K-FAC also inv_interval)"
-            )
-        self._sums.add(grad, curvature, estimate)
-        if self._sums.count == self.accumulation_steps:
-            self._update(*self._sums.mean())
-            self._step += 1
-        return loss
+        """One natural-gradient VI step; returns the mean loss over the MC samples.
+
+        All or nothing: if anything fails (the closure, a non-finite candidate, a decomposition,
+        another rank), the posterior, the optimizer's state and its generators are as before.
+        """
+        return atomic_step(
+            self,
+            self.posterior,
+            [self.generator, self.label_generator],
+            lambda: self._evaluate(closure),
+            "the posterior mean, statistic and step count",
+            "If it recurs, the sampled weights are too noisy or the steps too long: raise prior_precision, lower "
+            "the temperature, raise damping or lower lr (for K-FAC also inv_interval)",
+        )
 
     def _apply_temperature(self) -> None:
         if self.temperature_warmup is None:
@@ -186,41 +195,51 @@ class VIOptimizer(torch.optim.Optimizer):
         fraction = min(1.0, self._step / steps)
         self.posterior.temperature = start + (self.temperature_target - start) * fraction
 
-    def _evaluate(self, closure, curvature_step: bool):
-        """Loss, mean gradient, summed curvature and sample statistic over the MC samples."""
+    def _evaluate(self, closure):
+        """Loss, mean gradient, summed curvature, sample statistic over the MC samples, and the batch size."""
+        if closure is None:
+            raise ValueError(
+                "VI optimizers evaluate the loss at sampled weights: step() needs a closure that zeroes the "
+                "gradients, computes the batch-mean loss, calls backward() and returns the loss"
+            )
+        check_positive("lr", self.param_groups[0]["lr"])
+        self._apply_temperature()
         posterior = self.posterior
+        curvature_step = self.engine is not None and self._step % self.curv_interval == 0
         at_mean = not posterior.initialized
-        self._before_sampling()
+        scale = self._sampling_scale()
         losses, grads, curvature, estimates = [], [], None, []
         if at_mean:  # the first step without an initial precision is taken at the mean
             draws = [None]
         else:  # every rank draws the step's samples from the shared stream and evaluates its own
             total = self.mc_samples * self.grid.mc_groups
             draws = [posterior.sample_noise(1, self.generator) for _ in range(total)][self.grid.sample_slice(total)]
-        for draw in draws:
-            if draw is None:
-                eps, weights = None, nullcontext()
-            else:
-                noise, eps = (t[0] for t in draw)
-                weights = posterior.perturbed(noise)
-            with weights:
-                capture = self.engine.capture(self.label_generator) if curvature_step else nullcontext()
-                with torch.enable_grad(), capture:
-                    loss = closure()
-                grad = flat_gradient([p for group in self.param_groups for p in group["params"]])
-                if curvature_step and torch.isfinite(torch.as_tensor(loss)).all():  # else the step is rejected
-                    part = capture.curvature()
-                    curvature = part if curvature is None else curvature + part
-            losses.append(torch.as_tensor(loss).detach())
-            grads.append(grad.to(posterior.dtype))
-            estimates.append(self._sample_statistic(grads[-1], eps))
+        with recorded_batch_sizes(self.model.module, self.accumulation_steps > 1) as sizes:
+            for draw in draws:
+                if draw is None:
+                    eps, weights = None, nullcontext()
+                else:
+                    noise, eps = (t[0] for t in draw)
+                    weights = posterior.perturbed(noise)
+                with weights:
+                    capture = self.engine.capture(self.label_generator) if curvature_step else nullcontext()
+                    with torch.enable_grad(), capture:
+                        loss = closure_loss(closure())
+                    grad = flat_gradient([p for group in self.param_groups for p in group["params"]])
+                    if curvature_step and torch.isfinite(loss):  # else the step is rejected
+                        part = capture.curvature()
+                        curvature = part if curvature is None else curvature + part
+                losses.append(loss)
+                grads.append(grad.to(posterior.dtype))
+                estimates.append(self._sample_statistic(grads[-1], eps, scale))
         estimate = None if estimates[0] is None else _average(estimates)
-        return _average(losses), _average(grads), curvature, estimate
+        return _average(losses), _average(grads), curvature, estimate, sizes[0] if sizes else None
 
-    def _before_sampling(self) -> None:
-        """Hook run once per step before the weights are sampled."""
+    def _sampling_scale(self) -> Tensor | None:
+        """A quantity of the posterior, computed once per step before sampling, for ``_sample_statistic``."""
+        return None
 
-    def _sample_statistic(self, grad: Tensor, eps: Tensor | None) -> Tensor | None:
+    def _sample_statistic(self, grad: Tensor, eps: Tensor | None, scale: Tensor | None) -> Tensor | None:
         """A statistic from the sampled gradient and its noise ε (None at the mean); None uses the engine."""
         return None
 
@@ -231,6 +250,7 @@ class VIOptimizer(torch.optim.Optimizer):
         return torch.cat([(mean[where] * value) for value, where in zip(per_block, posterior.block_slices())])
 
     def _update(self, grad: Tensor, curvature, estimate) -> None:
+        """The statistic, then the mean; the new mean is checked before it is written."""
         posterior, group = self.posterior, self.param_groups[0]
         beta1, beta2 = group["betas"]
         if curvature is not None:
@@ -238,17 +258,19 @@ class VIOptimizer(torch.optim.Optimizer):
         mean = posterior.mean()
         prior = self._prior_gradient(mean)
         direction = grad + prior if self.prior_in_momentum else grad
-        if self._momentum is None:
-            self._momentum = torch.zeros_like(direction)
-        if self.momentum_type == "raw":
-            self._momentum.mul_(beta1).add_(direction)
-            velocity = self._momentum
-        else:
-            self._momentum.mul_(beta1).add_(direction, alpha=1 - beta1)
-            velocity = self._momentum / (1 - beta1 ** (self._step + 1))
+        previous = torch.zeros_like(direction) if self._momentum is None else self._momentum
+        if self.momentum_type == "raw":  # β1 m + d
+            momentum = torch.add(direction, previous, alpha=beta1)
+            velocity = momentum
+        else:  # β1 m + (1 - β1) d
+            momentum = torch.lerp(direction, previous, beta1)
+            velocity = momentum / (1 - beta1 ** (self._step + 1))
         if not self.prior_in_momentum:
             velocity = velocity + prior
-        posterior.set_mean(mean - group["lr"] * self._direction(velocity))
+        new = mean - group["lr"] * self._direction(velocity)
+        check_candidate(new, "update of the mean")
+        posterior.set_mean(new)
+        self._momentum = momentum
 
     def _direction(self, velocity: Tensor) -> Tensor:
         return self.posterior.precondition(velocity)
@@ -269,108 +291,52 @@ class VIOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "vi"})
+        """Load ``state_dict`` output; everything is checked against this optimizer first, so a state
+        from another architecture or optimizer is refused whole and changes nothing."""
+        if not isinstance(state_dict, dict) or "vi" not in state_dict:
+            raise ValueError("the optimizer state has no 'vi' entry: it was not saved by a VIOptimizer")
         vi = state_dict["vi"]
+        check_keys(vi, ("step", "skipped_steps", "momentum", "generator", "label_generator", "posterior"), "vi")
+        check_count(vi["step"], "vi['step']")
+        check_count(vi["skipped_steps"], "vi['skipped_steps']")
+        if vi["momentum"] is not None:
+            like = torch.empty(self.posterior.numel, dtype=self.posterior.dtype)
+            check_tensor(vi["momentum"], like, "vi['momentum']")
+        for name in ("generator", "label_generator"):
+            check_tensor(vi[name], getattr(self, name).get_state(), f"vi[{name!r}]")
+        self.posterior.check_state(vi["posterior"], "vi['posterior']")
+        with self.posterior.atomic():  # torch checks the param groups before it changes them
+            self.posterior.load_state_dict(vi["posterior"])
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != "vi"})
         self._step, self.skipped_steps = vi["step"], vi["skipped_steps"]
-        self._momentum = None if vi["momentum"] is None else vi["momentum"].clone()
+        device = self.posterior.parameters[0].device
+        self._momentum = None if vi["momentum"] is None else vi["momentum"].to(device, copy=True)
         self.generator.set_state(vi["generator"])
         self.label_generator.set_state(vi["label_generator"])
-        self.posterior.load_state_dict(vi["posterior"])
         self._sums = MicroBatchSums()
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether micro-batches are waiting for the rest of their update (no ``state_dict`` then)."""
+        return self._sums.count > 0
 
 
 def _average(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(0)
 
 
-def _set_isotropic(posterior, value: float) -> None:
-    """Statistic s0 I in every block (K-FAC: A = G = sqrt(s0) I)."""
-    for block in posterior.statistic.blocks.values():
+def _isotropic(posterior, value: float) -> Curvature:
+    """The statistic s0 I in every block (K-FAC: A = G = sqrt(s0) I)."""
+    blocks = {}
+    for name, block in posterior.statistic.blocks.items():
         if isinstance(block, DiagBlock):
-            block.values.fill_(value)
+            blocks[name] = block.with_tensors([torch.full_like(block.values, value)])
         elif isinstance(block, KronBlock):
-            eye_a = torch.eye(block.A.shape[-1], dtype=block.A.dtype, device=block.A.device)
-            eye_g = torch.eye(block.G.shape[-1], dtype=block.G.dtype, device=block.G.device)
-            block.A.copy_(eye_a.expand_as(block.A) * math.sqrt(value))
-            block.G.copy_(eye_g.expand_as(block.G) * math.sqrt(value))
-            block.n.fill_(1.0)
+            eye_a = torch.eye(block.A.shape[-1], dtype=block.A.dtype, device=block.A.device).expand_as(block.A)
+            eye_g = torch.eye(block.G.shape[-1], dtype=block.G.dtype, device=block.G.device).expand_as(block.G)
+            root = math.sqrt(value)
+            blocks[name] = block.with_tensors([eye_a * root, eye_g * root, torch.ones_like(block.n)])
         elif isinstance(block, DenseBlock):
             eye = torch.eye(block.matrix.shape[0], dtype=block.matrix.dtype, device=block.matrix.device)
-            block.matrix.copy_(eye * value)
-    posterior.initialized = True
-    posterior.refresh()
-
-
-class _Preset(VIOptimizer):
-    """A ``VIOptimizer`` whose defaults are the class's ``preset`` (options given override them)."""
-
-    preset: ClassVar[dict] = {}
-
-    def __init__(self, model: BayesianModel, lr: float | None = None, **options) -> None:
-        options = {**self.preset, **options}
-        if lr is not None:
-            options["lr"] = lr
-        super().__init__(model, **options)
-
-
-class VOGN(_Preset):
-    """Variational Online Gauss-Newton (Khan et al. 2018; Osawa et al. 2019).
-
-    ĥ = per-example squared gradients at the sampled weights with the true labels
-    (empirical Fisher, exact through the engine's rules), heavy-ball momentum on the
-    raw gradient. Sampling std sqrt(τ / (N (s + δ̃ + γ))). Works with any posterior
-    structure (a Kronecker posterior gives the K-FAC variant). Defaults (lr 1e-3,
-    γ = 0.01) are tuned for small data with ``prior_precision=50, temperature=0.01``
-    on digits (benchmarks/calibration_digits.py); the paper's ImageNet run used
-    lr 1e-3 with γ = 1e-4 and τ = 1.
-    """
-
-    preset: ClassVar[dict] = {
-        "lr": 1e-3,
-        "damping": 1e-2,
-        "curvature": "fisher_emp",
-        "momentum": "raw",
-        "betas": (0.9, 0.999),
-    }
-
-
-class NoisyAdam(_Preset):
-    """Noisy Adam (Zhang et al. 2018): MC-Fisher diagonal, Adam-style bias-corrected momentum.
-
-    μ <- μ - α m̂ / (f + γ_in + γ_ex) with f the EMA of squared sampled-label gradients
-    (no square root) and γ_in = τδ/N. Defaults (lr 1e-2, γ_ex = 0.03) tuned on digits with
-    ``prior_precision=50, temperature=0.01``.
-    """
-
-    preset: ClassVar[dict] = {
-        "lr": 1e-2,
-        "damping": 3e-2,
-        "curvature": "fisher_mc",
-        "momentum": "adam",
-        "betas": (0.9, 0.999),
-    }
-
-
-class NoisyKFAC(_Preset):
-    """Noisy K-FAC (Zhang et al. 2018): matrix-normal posterior from MC-Fisher K-FAC factors.
-
-    Needs ``posterior="kron"``; the paper's damping is the posterior's ``kfac_damping="factored"``.
-    Factors refresh every ``curv_interval`` steps, their eigendecompositions every ``inv_interval``
-    (default 10). Defaults (lr 2e-3, γ_ex = 0.01, β = (0.9, 0.99)) tuned on digits with
-    ``prior_precision=50, temperature=0.01``; with inverses 10 steps stale, lr 3e-3 diverged
-    on one of three seeds, so raise ``lr`` together with lowering ``inv_interval``.
-    """
-
-    preset: ClassVar[dict] = {
-        "lr": 2e-3,
-        "damping": 1e-2,
-        "curvature": "fisher_mc",
-        "momentum": "raw",
-        "betas": (0.9, 0.99),
-        "inv_interval": 10,
-    }
-
-    def __init__(self, model: BayesianModel, lr: float | None = None, **options) -> None:
-        if not isinstance(model.posterior, KroneckerGaussian):
-            raise ValueError(f"NoisyKFAC needs a KroneckerGaussian posterior, got {type(model.posterior).__name__}")
-        super().__init__(model, lr, **options)
+            blocks[name] = block.with_tensors([eye * value])
+    return posterior.statistic.with_blocks(blocks)

@@ -19,6 +19,7 @@ decomposition is recomputed when the statistic changes (or only on ``refresh``).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 
 from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
 from bayesso.posteriors.eigenbasis import Eigenbasis
-from bayesso.posteriors.state import load_posterior_state, posterior_state
+from bayesso.posteriors.hyperparameters import Hyperparameters
+from bayesso.posteriors.state import check_posterior_state, load_posterior_state, posterior_state
 
 __all__ = ["Posterior"]
 
@@ -39,7 +41,7 @@ __all__ = ["Posterior"]
 PRECISION_FLOOR = 1e-12
 
 
-class Posterior(ABC):
+class Posterior(Hyperparameters, ABC):
     """Gaussian posterior over the trainable parameters of ``module`` (or of ``modules``).
 
     Args:
@@ -87,70 +89,8 @@ class Posterior(ABC):
         self._revision = 0  # bumped whenever the statistic or its decomposition changes
         self._damped_cache: tuple | None = None
 
-    # ---- hyperparameters -------------------------------------------------------------------
-    @property
-    def prior_precision(self) -> Tensor:
-        """δ per module block, shape (n_blocks,)."""
-        return self._prior
-
-    @prior_precision.setter
-    def prior_precision(self, value: float | dict[str, float] | Tensor) -> None:
-        names = [p.name for p in self.plans]
-        if isinstance(value, dict):
-            unknown = set(value) - set(names)
-            if unknown:
-                raise ValueError(f"prior_precision names modules without a posterior block: {sorted(unknown)}")
-            values = torch.stack([torch.as_tensor(value.get(n, 1.0), dtype=self.dtype) for n in names])
-        else:
-            values = torch.as_tensor(value, dtype=self.dtype).reshape(-1).expand(len(names))
-        if not torch.isfinite(values).all() or (values <= 0).any():
-            raise ValueError(f"prior_precision must be positive and finite, got {_describe(value)}")
-        self._prior = values.to(self._prior.device).clone()
-
-    @property
-    def dataset_size(self) -> int | None:
-        """N, the number of training examples (times any data-augmentation factor)."""
-        return self._dataset_size
-
-    @dataset_size.setter
-    def dataset_size(self, value: float | None) -> None:
-        if value is not None and (isinstance(value, bool) or not math.isfinite(value) or value <= 0):
-            raise ValueError(f"dataset_size must be a positive number, got {value!r}")
-        self._dataset_size = value
-
-    @property
-    def temperature(self) -> float:
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"temperature must be positive and finite, got {value!r}")
-        self._temperature = float(value)
-
-    @property
-    def damping(self) -> float:
-        return self._damping
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"damping must be non-negative and finite, got {value!r}")
-        self._damping = float(value)
-
-    def _scale(self) -> float:
-        """N / τ: the factor from the per-example statistic to the posterior precision."""
-        if self._dataset_size is None:
-            raise ValueError("dataset_size is unknown: pass dataset_size=N (the number of training examples)")
-        return self._dataset_size / self._temperature
-
-    def block_damping(self) -> Tensor:
-        """λ_m = τ δ_m / N + γ per block (no prior term for deterministic blocks)."""
-        has_prior = torch.tensor([p.name not in self.deterministic for p in self.plans], device=self._prior.device)
-        return self._prior * has_prior / self._scale() + self._damping
-
     # ---- statistic and decompositions --------------------------------------------------------
-    def _check_plans(self) -> None:  # noqa: B027 (an optional hook, not an abstract method)
+    def _check_plans(self) -> None:
         """Refuse unsupported blocks before anything is allocated."""
 
     @abstractmethod
@@ -160,11 +100,15 @@ class Posterior(ABC):
     def update_statistic(self, curvature: Curvature, beta: float = 0.0, refresh: bool = True) -> None:
         """S <- beta * S + (1 - beta) * curvature (per-example scale); the first update copies.
 
-        With ``refresh=False`` sampling and solves keep the previous decomposition
-        until the next refresh (K-FAC's inverse interval).
+        All or nothing: the new statistic is built beside the old one (cut from any autograd
+        graph), checked to be finite and, with ``refresh``, decomposed; only then does it
+        replace the old one, so a failure leaves the posterior as it was. With
+        ``refresh=False`` sampling and solves keep the previous decomposition until the next
+        refresh (K-FAC's inverse interval).
         """
-        if not refresh and self._decomposed is None:
-            self._decomposed = self.statistic.clone()
+        decomposed = self._decomposed if self._decomposed is not None or refresh else self.statistic
+        decomposed_blocks = None if refresh else dict(decomposed.blocks)
+        blocks, reshaped = {}, set()
         for plan in self.plans:
             mine, new = self.statistic.blocks[plan.name], curvature.blocks[plan.name]
             if mine.structure != new.structure:
@@ -177,25 +121,60 @@ class Posterior(ABC):
                     "its posterior block becomes diagonal",
                     stacklevel=2,
                 )
-                mine = self.statistic.blocks[plan.name] = mine.as_diagonal()
-                if self._decomposed is not None:
-                    self._decomposed.blocks[plan.name] = self._decomposed.blocks[plan.name].as_diagonal()
-                self._bases.pop(plan.name, None)
-            if self.initialized:
-                mine.ema_(new, beta)
+                mine = mine.as_diagonal()
+                reshaped.add(plan.name)
+                if decomposed_blocks is not None:
+                    decomposed_blocks[plan.name] = decomposed_blocks[plan.name].as_diagonal()
+            if self.initialized and beta != 0.0:
+                blocks[plan.name] = mine.ema(new, beta)
             else:
-                mine.load_flat_(new.flatten())
-        self.initialized = True
+                mine._check_same(new)
+                blocks[plan.name] = mine.with_tensors(
+                    [t.detach().to(m.dtype, copy=True) for m, t in zip(mine.tensors(), new.tensors())]
+                )
+        statistic = self.statistic.with_blocks(blocks)
+        bad = [name for name, block in blocks.items() if not block.is_finite()]
+        if bad:
+            raise FloatingPointError(
+                f"the updated statistic of block(s) {bad} has NaN or infinite entries; the posterior is unchanged"
+            )
         if refresh:
-            self._decomposed = None
-            self._bases.clear()
+            bases = {name: self._eigenbasis(block) for name, block in blocks.items()}
+        else:
+            bases = {name: basis for name, basis in self._bases.items() if name not in reshaped}
+        self.statistic, self._bases, self.initialized = statistic, bases, True
+        self._decomposed = None if refresh else self.statistic.with_blocks(decomposed_blocks)
         self._revision += 1
 
     def refresh(self) -> None:
-        """Recompute every block's decomposition from the current statistic."""
-        self._decomposed = None
-        self._bases = {name: self._eigenbasis(block) for name, block in self.statistic.blocks.items()}
+        """Recompute every block's decomposition from the current statistic (nothing changes if that fails)."""
+        bases = {name: self._eigenbasis(block) for name, block in self.statistic.blocks.items()}
+        self._decomposed, self._bases = None, bases
         self._revision += 1
+
+    # ---- all-or-nothing changes ------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Everything the posterior holds (the mean excepted: it is the module's), for ``restore``.
+
+        Cheap: the statistic and its decompositions are replaced, never modified in place, by
+        ``update_statistic``, ``refresh`` and ``load_state_dict``, so references suffice.
+        """
+        return {key: copy.copy(value) if isinstance(value, (dict, set)) else value for key, value in vars(self).items()}
+
+    def restore(self, snapshot: dict) -> None:
+        """Return to a ``snapshot``."""
+        vars(self).clear()
+        vars(self).update({key: copy.copy(v) if isinstance(v, (dict, set)) else v for key, v in snapshot.items()})
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Context in which a change either completes or, on any exception, is undone."""
+        saved = self.snapshot()
+        try:
+            yield
+        except BaseException:
+            self.restore(saved)
+            raise
 
     def _basis(self, name: str) -> Eigenbasis:
         if name not in self._bases:
@@ -410,16 +389,15 @@ class Posterior(ABC):
         return posterior_state(self)
 
     def load_state_dict(self, state: dict) -> None:
+        """Load ``state_dict`` output; everything is checked first, so a mismatch changes nothing."""
         load_posterior_state(self, state)
+
+    def check_state(self, state: dict, where: str = "posterior state") -> None:
+        """ValueError naming the first entry of ``state`` that ``load_state_dict`` would refuse."""
+        check_posterior_state(self, state, where)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(P={self.numel:,}, blocks={len(self.plans)}, N={self._dataset_size}, "
             f"temperature={self._temperature}, damping={self._damping})"
         )
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor {value.tolist()}"
-    return repr(value)

@@ -7,7 +7,41 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["Eigenbasis"]
+__all__ = ["Eigenbasis", "symmetric_eigh"]
+
+JITTERS = (0.0, 1e-12, 1e-9, 1e-6)  # relative to the mean absolute diagonal, tried in float64
+
+
+def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """(eigenvalues, eigenvectors) of symmetric ``matrix`` (..., n, n), in its dtype.
+
+    ``torch.linalg.eigh`` in float32 fails to converge on some rank-deficient matrices (a
+    one-example statistic); such input is decomposed in float64, and if that fails too, with
+    a growing diagonal jitter whose shift is taken off the eigenvalues again. Non-finite input
+    is a ``FloatingPointError``; nothing is retried for it.
+    """
+    if not bool(torch.isfinite(matrix).all()):
+        raise FloatingPointError(f"cannot decompose a {tuple(matrix.shape)} statistic with NaN or infinite entries")
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        pass
+    wide = matrix.double()
+    eye = torch.eye(wide.shape[-1], dtype=wide.dtype, device=wide.device)
+    scale = wide.diagonal(dim1=-2, dim2=-1).abs().mean(-1, keepdim=True).clamp_min(1e-300).unsqueeze(-1)
+    error = None
+    for jitter in JITTERS:
+        try:
+            values, vectors = torch.linalg.eigh(wide + jitter * scale * eye)
+        except torch.linalg.LinAlgError as failure:
+            error = failure
+            continue
+        values = values - jitter * scale.squeeze(-1)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+    raise torch.linalg.LinAlgError(
+        f"could not decompose a {tuple(matrix.shape)} statistic, even in float64 with a relative jitter of "
+        f"{JITTERS[-1]}: {error}"
+    )
 
 
 class Eigenbasis(ABC):

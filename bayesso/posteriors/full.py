@@ -7,7 +7,7 @@ from torch import Tensor
 
 from bayesso.curvature import Block
 from bayesso.posteriors.base import Posterior
-from bayesso.posteriors.eigenbasis import Eigenbasis
+from bayesso.posteriors.eigenbasis import Eigenbasis, symmetric_eigh
 
 __all__ = ["DenseBasis", "FullGaussian"]
 
@@ -16,7 +16,7 @@ class DenseBasis(Eigenbasis):
     """S = Q diag(s) Qᵀ by ``torch.linalg.eigh`` (negative eigenvalues clamped to 0)."""
 
     def __init__(self, matrix: Tensor) -> None:
-        values, self.Q = torch.linalg.eigh(matrix)
+        values, self.Q = symmetric_eigh(matrix)
         self.values = values.clamp_min(0)
 
     def eigenvalues(self, damping: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 from bayesso.curvature import AffineLayout, Block, KronBlock
 from bayesso.posteriors.base import Posterior
 from bayesso.posteriors.diagonal import DiagonalBasis
-from bayesso.posteriors.eigenbasis import Eigenbasis
+from bayesso.posteriors.eigenbasis import Eigenbasis, symmetric_eigh
 
 __all__ = ["KroneckerBasis", "KroneckerGaussian"]
 
@@ -36,8 +36,8 @@ class KroneckerBasis(Eigenbasis):
     def __init__(self, block: KronBlock, damping_mode: str) -> None:
         self.layout: AffineLayout = block.layout
         self.mode = damping_mode
-        self.a, self.QA = torch.linalg.eigh(block.A)
-        self.g, self.QG = torch.linalg.eigh(block.G)
+        self.a, self.QA = symmetric_eigh(block.A)
+        self.g, self.QG = symmetric_eigh(block.G)
         self.a, self.g = self.a.clamp_min(0), self.g.clamp_min(0)
         trace_a = block.A.diagonal(dim1=1, dim2=2).mean(dim=1)
         trace_g = block.G.diagonal(dim1=1, dim2=2).mean(dim=1)

@@ -1,17 +1,37 @@
-"""The ``state_dict`` format of a posterior: statistic, stale decomposition, hyperparameters, structure."""
+"""The ``state_dict`` format of a posterior: statistic, stale decomposition, hyperparameters, structure.
+
+Loading is all or nothing: the whole state is checked against the posterior (structure,
+modules, block kinds, every tensor's shape and dtype, hyperparameter values) before
+anything is written, and the statistic is replaced by new blocks, never copied into.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from bayesso.curvature import Curvature
+from bayesso.curvature import Block, Curvature
+from bayesso.saved_state import check_keys, check_tensor
 
 if TYPE_CHECKING:
     from bayesso.posteriors.base import Posterior
 
-__all__ = ["load_posterior_state", "posterior_state"]
+__all__ = ["check_posterior_state", "load_posterior_state", "posterior_state"]
+
+KEYS = (
+    "structure",
+    "blocks",
+    "statistic",
+    "decomposed",
+    "initialized",
+    "prior_precision",
+    "dataset_size",
+    "temperature",
+    "damping",
+    "deterministic",
+)
 
 
 def posterior_state(posterior: Posterior) -> dict:
@@ -30,36 +50,81 @@ def posterior_state(posterior: Posterior) -> dict:
     }
 
 
+def check_posterior_state(posterior: Posterior, state, where: str = "posterior state") -> dict[str, Block]:
+    """ValueError naming the first entry of ``state`` that does not fit ``posterior``; else the block templates.
+
+    A template is the posterior's block in the kind the state gives (a block that became
+    diagonal when it was fitted is diagonal in the state).
+    """
+    check_keys(state, KEYS, where)
+    if state["structure"] != posterior.structure:
+        raise ValueError(f"{where} is for a {state['structure']!r} posterior, this one is {posterior.structure!r}")
+    names = list(posterior.statistic.blocks)
+    check_keys(state["blocks"], names, f"{where}['blocks'] (the posterior's modules)")
+    templates = {}
+    for name in names:
+        block, kind = posterior.statistic.blocks[name], state["blocks"][name]
+        if kind not in (block.structure, "diag"):
+            raise ValueError(f"{where}['blocks'][{name!r}] is {kind!r}; block {name!r} is {block.structure!r}")
+        templates[name] = block if kind == block.structure else block.as_diagonal()
+    for part in ("statistic", "decomposed"):
+        if part == "decomposed" and state[part] is None:
+            continue
+        check_keys(state[part], names, f"{where}[{part!r}]")
+        for name, template in templates.items():
+            saved, own = state[part][name], template.tensors()
+            if not isinstance(saved, (list, tuple)) or len(saved) != len(own):
+                raise ValueError(f"{where}[{part!r}][{name!r}] must be a list of {len(own)} tensors")
+            for i, (value, like) in enumerate(zip(saved, own)):
+                check_tensor(value, like, f"{where}[{part!r}][{name!r}][{i}]")
+                if not bool(value.isfinite().all()):
+                    raise ValueError(f"{where}[{part!r}][{name!r}][{i}] has NaN or infinite entries")
+    if not isinstance(state["initialized"], bool):
+        raise ValueError(f"{where}['initialized'] must be True or False, got {state['initialized']!r}")
+    check_tensor(state["prior_precision"], posterior.prior_precision, f"{where}['prior_precision']")
+    _check_number(state["dataset_size"], f"{where}['dataset_size']", positive=True, optional=True)
+    _check_number(state["temperature"], f"{where}['temperature']", positive=True)
+    _check_number(state["damping"], f"{where}['damping']", positive=False)
+    unknown = set(state["deterministic"]) - set(names)
+    if unknown:
+        raise ValueError(f"{where}['deterministic'] names modules without a block: {sorted(unknown)}")
+    return templates
+
+
 def load_posterior_state(posterior: Posterior, state: dict) -> None:
-    """Restore ``posterior_state`` output into a posterior over the same modules."""
-    if state.get("structure") != posterior.structure:
-        raise ValueError(f"state is for a {state.get('structure')!r} posterior, this one is {posterior.structure!r}")
-    if set(state["statistic"]) != set(posterior.statistic.blocks):
-        raise ValueError("state covers different modules than this posterior")
-    for name, kind in state["blocks"].items():
-        block = posterior.statistic.blocks[name]
-        if block.structure != kind:  # a block that became diagonal when it was fitted
-            posterior.statistic.blocks[name] = block.as_diagonal()
-    _load_tensors(posterior.statistic, state["statistic"])
-    posterior._decomposed = None
-    if state["decomposed"] is not None:
-        posterior._decomposed = posterior.statistic.clone()
-        _load_tensors(posterior._decomposed, state["decomposed"])
-    posterior.initialized = state["initialized"]
-    posterior.prior_precision = state["prior_precision"]
-    posterior.dataset_size = state["dataset_size"]
-    posterior.temperature = state["temperature"]
-    posterior.damping = state["damping"]
-    posterior.deterministic = set(state["deterministic"])
-    posterior._bases.clear()
-    posterior._revision += 1
+    """Restore ``posterior_state`` output into a posterior over the same modules (checked first)."""
+    templates = check_posterior_state(posterior, state)
+    with posterior.atomic():
+        statistic = _blocks(posterior.statistic, templates, state["statistic"])
+        saved = state["decomposed"]
+        decomposed = None if saved is None else _blocks(posterior.statistic, templates, saved)
+        posterior.prior_precision = state["prior_precision"]
+        posterior.dataset_size = state["dataset_size"]
+        posterior.temperature = state["temperature"]
+        posterior.damping = state["damping"]
+        posterior.deterministic = set(state["deterministic"])
+        source = statistic if decomposed is None else decomposed
+        posterior._bases = {name: posterior._eigenbasis(block) for name, block in source.blocks.items()}
+        posterior.statistic, posterior._decomposed = statistic, decomposed
+        posterior.initialized = state["initialized"]
+        posterior._revision += 1
+
+
+def _check_number(value, where: str, positive: bool, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{where} must be a {'positive' if positive else 'non-negative'} finite number, got {value!r}")
 
 
 def _tensors(curvature: Curvature) -> dict[str, list[Tensor]]:
     return {name: [t.clone() for t in block.tensors()] for name, block in curvature.blocks.items()}
 
 
-def _load_tensors(curvature: Curvature, saved: dict[str, list[Tensor]]) -> None:
-    for name, block in curvature.blocks.items():
-        for mine, value in zip(block.tensors(), saved[name]):
-            mine.copy_(value)
+def _blocks(like: Curvature, templates: dict[str, Block], saved: dict[str, list[Tensor]]) -> Curvature:
+    blocks = {}
+    for name, template in templates.items():
+        own = template.tensors()
+        blocks[name] = template.with_tensors([t.to(o.device, copy=True) for t, o in zip(saved[name], own)])
+    return like.with_blocks(blocks)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bayesso.batches import check_loader, check_targets, describe, located, split_batch
 from bayesso.likelihoods import Regression
 
 if TYPE_CHECKING:
@@ -213,14 +214,27 @@ def evaluate(
     (summed over outputs, total variance σ² + epistemic).
     """
 
-    def predictions(batches: Iterable, what: str):
-        for x, y in tqdm(batches, desc=f"evaluate {what}", disable=not progress, leave=False):
-            yield model.predict(x, n_samples=n_samples, method=method, generator=generator), y
+    likelihood = model.likelihood
+    check_loader(loader)
+    if ood_loader is not None:
+        check_loader(ood_loader, what="ood_loader")
 
-    if isinstance(model.likelihood, Regression):
+    def predictions(batches: Iterable, what: str):
+        for index, batch in enumerate(tqdm(batches, desc=f"evaluate {what}", disable=not progress, leave=False)):
+            with located(f"evaluate, {what} batch {index + 1}"):
+                x, y = split_batch(batch) if what == "test" else (_inputs(batch), None)
+                if y is not None:
+                    check_targets(likelihood, x, y)
+                predictive = model.predict(x, n_samples=n_samples, method=method, generator=generator)
+                if y is not None:  # the targets against the predictive's outputs (probabilities or means)
+                    outputs = predictive.mean if predictive.mean is not None else predictive.probs
+                    likelihood.check(outputs, y, require_finite=False)
+            yield predictive, y
+
+    if isinstance(likelihood, Regression):
         squared = log_density = values = count = 0.0
         for predictive, y in predictions(loader, "test"):
-            error = (y.reshape(predictive.mean.shape) - predictive.mean).double()
+            error = (y - predictive.mean).double()
             variance = predictive.variance.double()
             squared += error.square().sum().item()
             log_density += (-0.5 * (error.square() / variance + (2 * math.pi * variance).log())).sum().item()
@@ -236,11 +250,14 @@ def evaluate(
         raise ValueError("the loader yielded no batches")
     ood = None
     if ood_loader is not None:
-        batches = [(_inputs(batch), None) for batch in ood_loader]
-        ood = torch.cat([class_probabilities(p.probs) for p, _ in predictions(batches, "OOD")])
+        ood = torch.cat([class_probabilities(p.probs) for p, _ in predictions(ood_loader, "OOD")])
     return classification_metrics(torch.cat(probs), torch.cat(targets), ood, n_bins)
 
 
 def _inputs(batch) -> Tensor:
     """The inputs of a batch that is a tensor, or a tuple/list whose first entry is the inputs."""
-    return batch if isinstance(batch, Tensor) else batch[0]
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    raise ValueError(f"expected batches of inputs x or (x, ...), got {describe(batch)}")

@@ -64,19 +64,20 @@ def mc_predictive(
     average = DrawAverage(model.likelihood, keep_samples)
     if vectorize is None:
         vectorize = x.device.type != "cpu"
-    for start in range(0, n_samples, size):
-        noise, _ = posterior.sample_noise(min(size, n_samples - start), generator)
-        noise = noise[max(0, mine.start - start) : max(0, mine.stop - start)]
-        if not len(noise):
-            continue
-        if vectorize:
-            try:
-                average.add(sampled_outputs(model.module, posterior, noise, x))
+    with grid.lockstep("MC prediction"):  # a failure on any rank raises on every rank
+        for start in range(0, n_samples, size):
+            noise, _ = posterior.sample_noise(min(size, n_samples - start), generator)
+            noise = noise[max(0, mine.start - start) : max(0, mine.stop - start)]
+            if not len(noise):
                 continue
-            except (RuntimeError, NotImplementedError) as error:
-                logger.info("vectorised MC prediction failed (%s); using a loop over samples", error)
-                vectorize = False
-        average.add(torch.stack([_perturbed_outputs(model.module, posterior, row, x) for row in noise]))
+            if vectorize:
+                try:
+                    average.add(sampled_outputs(model.module, posterior, noise, x))
+                    continue
+                except (RuntimeError, NotImplementedError) as error:
+                    logger.info("vectorised MC prediction failed (%s); using a loop over samples", error)
+                    vectorize = False
+            average.add(torch.stack([_perturbed_outputs(model.module, posterior, row, x) for row in noise]))
     if grid.active:
         average.reduce(grid)
     return average.result()

@@ -33,3 +33,17 @@ def test_unvmappable_model_gives_a_clear_error():
     model = DataDependent()
     with pytest.raises(RuntimeError, match="generic curvature fallback for parameters \\['scale'\\].*vmap"):
         CurvatureEngine(model, Classification(), "ggn", "diag").compute(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+
+
+def test_fallback_statistics_hold_no_autograd_graph():
+    """The fallback's torch.func passes must not tie their results to the module's parameters (a leak per step)."""
+    case = CASES_BY_NAME["functional"]  # PReLU, a custom module and a bare parameter go through the fallback
+    model, x, y = case.data()
+    engine = CurvatureEngine(model, case.likelihood, "fisher_mc", "diag")
+    assert any(plan.rule is None for plan in engine.plans)
+    blocks = engine.compute(x, y, generator=torch.Generator().manual_seed(0)).blocks.values()
+    assert not any(t.requires_grad or t.grad_fn is not None for block in blocks for t in block.tensors())
+    with engine.capture(torch.Generator().manual_seed(0)) as capture:
+        (case.likelihood.nll(model(x), y) / len(y)).backward()
+    blocks = capture.curvature().blocks.values()
+    assert not any(t.requires_grad for block in blocks for t in block.tensors())

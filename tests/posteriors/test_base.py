@@ -173,3 +173,41 @@ def test_per_module_prior_precision():
     posterior = DiagonalGaussian(model, prior_precision={"1": 5.0}, dataset_size=10)
     assert posterior.prior_precision.tolist() == [1.0, 5.0]
     torch.testing.assert_close(posterior.variance()[-6:], torch.full((6,), 0.2))  # zero statistic: the prior
+
+
+@pytest.mark.parametrize("structure", FAMILIES)
+def test_update_statistic_is_all_or_nothing_and_cut_from_autograd(structure, monkeypatch):
+    posterior, _ = fitted(structure)
+    before = posterior.precondition(torch.ones(posterior.numel, dtype=torch.float64))
+    statistic = posterior.statistic
+    new = posterior.statistic * 2.0
+    for block in new.blocks.values():
+        block.tensors()[0].requires_grad_(True)
+
+    def fail(block):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(posterior, "_eigenbasis", fail)
+    with pytest.raises(torch.linalg.LinAlgError):
+        posterior.update_statistic(new, beta=0.5)
+    assert posterior.statistic is statistic
+    torch.testing.assert_close(posterior.precondition(torch.ones(posterior.numel, dtype=torch.float64)), before)
+    monkeypatch.undo()
+    posterior.update_statistic(new, beta=0.5)
+    assert not any(t.requires_grad for block in posterior.statistic.blocks.values() for t in block.tensors())
+
+
+def test_snapshot_and_restore_cover_hyperparameters_and_statistic():
+    posterior, _ = fitted("kron")
+    saved = posterior.snapshot()
+    precision = posterior.precision_dense()
+    posterior.temperature, posterior.damping, posterior.prior_precision = 3.0, 0.5, 9.0
+    posterior.deterministic.add("0")
+    posterior.update_statistic(posterior.statistic * 3.0, beta=0.0)
+    posterior.restore(saved)
+    torch.testing.assert_close(posterior.precision_dense(), precision, rtol=0, atol=0)
+    assert posterior.deterministic == set()
+    with pytest.raises(ValueError, match="temperature must be positive"), posterior.atomic():
+        posterior.damping = 0.25
+        posterior.temperature = -1.0
+    assert posterior.damping == GAMMA

@@ -1,0 +1,308 @@
+"""``BayesianModel.fit``: natural-gradient VI over a loader, all or nothing, with checkpoints and exact resumption.
+
+All or nothing: if ``fit`` raises, the module (parameters, buffers, train/eval modes), the
+posterior, the Laplace record and ``model.optimizer`` are as they were before the call. An
+interrupt (Ctrl-C) is not a failure: it keeps the updates made so far, each of them whole.
+
+Checkpoints: with ``checkpoint=path`` the run is written to ``path`` every
+``checkpoint_every`` updates (or at the end of every epoch with ``"epoch"``) and at its
+end, atomically and with checksums (``bayesso.checkpoint``), keeping the previous file as
+``path.previous``. A later ``fit`` with the same path resumes from the newest intact file:
+the module, the posterior and the optimizer (its generators included), every global
+random generator and the loader's shuffling generator (``bayesso.random_state``), and the
+position in the data (epoch and batches already used, which are read again and skipped),
+so that a run killed at any point and resumed ends bit-identical to an uninterrupted one.
+``epochs`` is the total: ``fit(epochs=2)`` after ``fit(epochs=1)`` on the same checkpoint
+trains one more epoch. Samplers must draw their randomness when an epoch starts (as all of
+torch's do); ``set_epoch`` is called on samplers that have it.
+
+Under a ``ProcessGrid`` every rank writes its own file (``name.rank{r}.suffix``); on
+resumption the ranks agree on the newest step that all of them hold, so a job that
+``torchrun --max-restarts`` restarts after a worker died loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from bayesso.batches import check_loader, check_targets, forward, located, split_batch
+from bayesso.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from bayesso.distributed import ProcessGrid
+from bayesso.likelihoods import Classification
+from bayesso.random_state import capture_random_state, loader_generators, restore_random_state
+from bayesso.saved_state import check_entries
+
+if TYPE_CHECKING:
+    from bayesso.model import BayesianModel
+
+__all__ = ["CheckpointFiles", "ModelState", "fit"]
+
+
+class ModelState:
+    """Everything ``fit`` may change on a ``BayesianModel``, kept to be put back if it fails."""
+
+    def __init__(self, model: BayesianModel) -> None:
+        self.model = model
+        self.tensors = [t.detach().clone() for t in model.module.state_dict(keep_vars=True).values()]
+        self.modes = [m.training for m in model.module.modules()]
+        self.posterior, self.posterior_state = model.posterior, model.posterior.snapshot()
+        self.laplace_fit, self.optimizer = copy.copy(model.laplace_fit), model.optimizer
+
+    def restore(self) -> None:
+        model = self.model
+        with torch.no_grad():
+            for tensor, saved in zip(model.module.state_dict(keep_vars=True).values(), self.tensors):
+                tensor.copy_(saved)
+        for module, mode in zip(model.module.modules(), self.modes):
+            module.training = mode
+        model.posterior = self.posterior
+        self.posterior.restore(self.posterior_state)
+        model.laplace_fit, model.optimizer = self.laplace_fit, self.optimizer
+
+
+class CheckpointFiles:
+    """This rank's checkpoint file and the previous one; agreement across ranks on where to resume."""
+
+    def __init__(self, path: str | Path, grid: ProcessGrid) -> None:
+        path = Path(path)
+        if grid.active:
+            path = path.with_name(f"{path.stem}.rank{grid.rank}{path.suffix}")
+        if path.is_dir():
+            raise ValueError(f"checkpoint must be a file path, got the folder {path}")
+        if not path.parent.is_dir():
+            raise ValueError(f"checkpoint {path}: the folder {path.parent} does not exist")
+        self.path, self.previous, self.grid = path, path.with_name(path.name + ".previous"), grid
+
+    def write(self, content: dict) -> None:
+        if self.path.exists():
+            os.replace(self.path, self.previous)
+        write_checkpoint(self.path, "fit", content)
+
+    def latest(self) -> dict | None:
+        """The newest checkpoint every rank holds (None when no rank has one)."""
+        grid = self.grid
+        with grid.lockstep("checkpoint reading"):
+            found, problems = {}, []
+            for path in (self.path, self.previous):
+                if path.exists():
+                    try:
+                        content = read_checkpoint(path, "fit")
+                        found[content["progress"]["step"]] = content
+                    except (CheckpointError, KeyError, TypeError) as error:
+                        problems.append(str(error))
+            if problems and not found:
+                raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(problems)}")
+            for problem in problems:
+                warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=3)
+        steps = torch.zeros(grid.world_size, 2, dtype=torch.float64)  # per rank: the steps it holds, plus one
+        steps[grid.rank, : len(found)] = torch.tensor(sorted(found), dtype=torch.float64) + 1
+        steps = grid.all_reduce([steps])[0]
+        held = [{round(s) - 1 for s in row if s > 0} for row in steps.tolist()]
+        if not any(held):
+            return None
+        common = set.intersection(*held)
+        if not common:
+            raise CheckpointError(
+                f"the ranks hold checkpoints of different steps ({[sorted(h) for h in held]}), none common to all; "
+                "resume=False starts afresh"
+            )
+        return found[max(common)]
+
+
+def fit(
+    model: BayesianModel,
+    loader,
+    method: str,
+    epochs: int,
+    progress: bool,
+    checkpoint: str | Path | None,
+    checkpoint_every: int | str,
+    resume: bool,
+    grid: ProcessGrid | None,
+    options: dict,
+) -> list[dict]:
+    """See ``BayesianModel.fit``; returns one record per epoch (all epochs, resumed ones included)."""
+    from bayesso.optim import PRESETS
+
+    grid = grid or ProcessGrid()
+    infer_size = model.posterior.dataset_size is None and "dataset_size" not in options
+    with grid.lockstep("fit arguments") as shared:  # refused on one rank: refused on every rank
+        if method not in PRESETS:
+            raise ValueError(f"method must be one of {sorted(PRESETS)}, got {method!r}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if checkpoint_every != "epoch" and (
+            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive number of updates or 'epoch', got {checkpoint_every!r}"
+            )
+        if not isinstance(resume, bool):
+            raise ValueError(f"resume must be True or False, got {resume!r}")
+        check_loader(loader, passes=epochs)
+        files = None if checkpoint is None else CheckpointFiles(checkpoint, grid)
+        if infer_size:
+            dataset = getattr(loader, "dataset", None)
+            if dataset is None or not hasattr(dataset, "__len__"):
+                raise ValueError("dataset_size is unknown and the loader has no sized dataset: pass dataset_size=N")
+            shared.values = [len(dataset)]
+    if infer_size:  # the data shards' sizes summed (each shard is read by mc_groups ranks)
+        options = {**options, "dataset_size": round(float(shared.totals[0])) // grid.mc_groups}
+    saved = ModelState(model)
+    optimizer = None
+    try:
+        optimizer = PRESETS[method](model, grid=grid, **options)
+        if optimizer.engine is not None:  # fit sets the training mode itself: no advice to switch it
+            optimizer.engine.warn_training_batchnorm = False
+        run = _Run(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid)
+        if files is not None and resume:
+            run.resume(files.latest())
+        run.train()
+    except KeyboardInterrupt:
+        if optimizer is None:
+            saved.restore()
+        else:
+            model.optimizer, model.laplace_fit = optimizer, None
+        raise
+    except BaseException:
+        saved.restore()
+        raise
+    model.optimizer, model.laplace_fit = optimizer, None
+    return run.history
+
+
+class _Run:
+    """The training loop and its position: epoch, batches used in it, steps in total, running sums."""
+
+    def __init__(self, model, optimizer, loader, method, epochs, progress, files, every, grid) -> None:
+        self.model, self.optimizer, self.loader, self.method, self.epochs = model, optimizer, loader, method, epochs
+        self.progress, self.files, self.every, self.grid = progress, files, every, grid
+        self.generators = loader_generators(loader)
+        self.epoch = self.batch = self.step = self.saved_step = 0
+        self.sums = [0.0, 0, 0.0]  # loss x examples, examples, correct
+        self.history: list[dict] = []
+        self.resumed: dict | None = None
+
+    def resume(self, content: dict | None) -> None:
+        """Continue from a checkpoint's content (None: start afresh)."""
+        if content is None:
+            return
+        module, position = self.model.module, content["progress"]
+        if content["method"] != self.method:
+            raise ValueError(f"the checkpoint is of a {content['method']!r} run, not {self.method!r}; resume=False")
+        if content["world_size"] != self.grid.world_size:
+            raise ValueError(f"the checkpoint was written by {content['world_size']} process(es), this run has "
+                             f"{self.grid.world_size}")  # fmt: skip
+        if position["epoch"] > self.epochs or (position["epoch"] == self.epochs and position["batch"]):
+            raise ValueError(
+                f"the checkpoint is at epoch {position['epoch']} (batch {position['batch']}), past epochs="
+                f"{self.epochs}; pass more epochs, or resume=False to start afresh"
+            )
+        check_entries(content["module"], module.state_dict(), "the checkpoint's module state")
+        self.optimizer.load_state_dict(content["optimizer"])
+        module.load_state_dict(content["module"])
+        self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
+        self.saved_step, self.history, self.sums = self.step, list(position["history"]), list(position["sums"])
+        self.resumed = content["random"]
+
+    def train(self) -> None:
+        model = self.model
+        model.module.train()
+        for epoch in range(self.epoch, self.epochs):
+            sampler = getattr(self.loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            batches = self._batches()
+            total = len(self.loader) if hasattr(self.loader, "__len__") else None
+            bar = tqdm(batches, desc=f"{self.method} {epoch + 1}/{self.epochs}", total=total, initial=self.batch,
+                       disable=not self.progress, leave=False)  # fmt: skip
+            for batch in bar:
+                self._train_on(batch, f"fit, epoch {epoch + 1}, batch {self.batch + 1}")
+                bar.set_postfix(self._postfix())
+                if not isinstance(self.every, str) and self.step - self.saved_step >= self.every:
+                    self._save()
+            if self.batch == 0:
+                raise ValueError(f"fit, epoch {epoch + 1}: the loader yielded no batches")
+            self.history.append({"epoch": epoch + 1, **self._means()})
+            self.epoch, self.batch, self.sums = epoch + 1, 0, [0.0, 0, 0.0]
+            if self.every == "epoch" or self.epoch == self.epochs:
+                self._save()
+
+    def _batches(self):
+        """An iterator over this epoch's batches, positioned where a resumed run left off."""
+        state, self.resumed = self.resumed, None
+        if state is None or self.batch == 0:
+            if state is not None:
+                restore_random_state(state["now"], self.generators)
+            self.epoch_start = capture_random_state(self.generators)
+            return iter(self.loader)
+        restore_random_state(state["epoch_start"], self.generators)
+        self.epoch_start = state["epoch_start"]
+        batches = iter(self.loader)
+        for skipped in range(self.batch):
+            if next(batches, None) is None:
+                raise ValueError(f"the loader yields {skipped} batches per epoch, fewer than the checkpoint had used")
+        restore_random_state(state["now"], self.generators)
+        return batches
+
+    def _train_on(self, batch, where: str) -> None:
+        model, optimizer = self.model, self.optimizer
+        likelihood, module = model.likelihood, model.module
+        with located(where):
+            x, y = split_batch(batch)
+            check_targets(likelihood, x, y)
+        checked, last = [], {}
+
+        def closure():
+            optimizer.zero_grad()
+            with located(where):
+                outputs = forward(module, x)
+                if not checked:  # the first use of the batch: its targets against the outputs
+                    likelihood.check(outputs, y, require_finite=False)
+                    checked.append(True)
+            loss = likelihood.nll(outputs, y) / len(y)
+            loss.backward()
+            last["outputs"] = outputs.detach()
+            return loss
+
+        loss = optimizer.step(closure)
+        self.batch, self.step = self.batch + 1, self.step + 1
+        self.sums[0] += float(loss) * len(y)
+        self.sums[1] += len(y)
+        if isinstance(likelihood, Classification):
+            self.sums[2] += float((last["outputs"].argmax(-1) == y).sum())
+
+    def _means(self) -> dict:
+        loss, count, correct = self.sums
+        means = {"loss": loss / max(count, 1)}
+        if isinstance(self.model.likelihood, Classification):
+            means["accuracy"] = correct / max(count, 1)
+        return means
+
+    def _postfix(self) -> dict:
+        return {key: f"{value:.4f}" if key == "loss" else f"{value:.3f}" for key, value in self._means().items()}
+
+    def _save(self) -> None:
+        if self.files is None or self.optimizer.accumulating:
+            return
+        position = {"epoch": self.epoch, "batch": self.batch, "step": self.step, "history": self.history,
+                    "sums": self.sums}  # fmt: skip
+        random_state = {"now": capture_random_state(self.generators), "epoch_start": self.epoch_start}
+        self.files.write(
+            {
+                "method": self.method,
+                "world_size": self.grid.world_size,
+                "module": self.model.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "progress": position,
+                "random": random_state,
+            }
+        )
+        self.saved_step = self.step
