@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from bayesso.likelihoods import Likelihood
 
 __all__ = [
+    "check_batch",
     "check_inputs",
     "check_loader",
-    "check_targets",
     "describe",
     "forward",
     "located",
@@ -93,7 +93,7 @@ def check_inputs(x) -> None:
         raise ValueError(f"x contains {count} NaN or infinite value(s) out of {x.numel()}")
 
 
-def check_targets(likelihood: Likelihood, x: Tensor, y) -> None:
+def check_batch(likelihood: Likelihood, x: Tensor, y) -> None:
     """Inputs, and targets within the likelihood's support with x's batch size (before the forward pass)."""
     check_inputs(x)
     likelihood.check_targets(y)

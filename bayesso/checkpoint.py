@@ -77,7 +77,7 @@ def read_checkpoint(path: str | Path, kind: str) -> dict:
 
 
 def _checksums(content: dict) -> dict[str, str]:
-    return {where: digest for where, digest in _leaves(content, "")}
+    return dict(_leaves(content, ""))
 
 
 def _leaves(value, where: str) -> Iterator[tuple[str, str]]:

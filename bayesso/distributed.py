@@ -164,7 +164,7 @@ class ProcessGrid:
         status[0], status[1] = tag, tag * tag
         status[2 : 2 + values.numel()] = values
         status[2 + VALUE_SLOTS + self.rank] = float(failed)
-        device = torch.device("cuda", torch.cuda.current_device()) if _backend(self.group) == "nccl" else None
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else None
         buffer = status if device is None else status.to(device)
         self._recent.append(buffer)
         try:
@@ -314,10 +314,6 @@ def _init_from_environment(backend: str, timeout: timedelta) -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timeout)
     prefixed = dist.PrefixStore(f"bayesso/attempt_{attempt}", store)
     dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
-
-
-def _backend(group) -> str:
-    return dist.get_backend(group) if dist.is_initialized() else ""
 
 
 def _init_from_mpi(backend: str, timeout: timedelta) -> None:

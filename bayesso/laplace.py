@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bayesso.batches import check_loader, check_targets, located, split_batch
+from bayesso.batches import check_batch, check_loader, located, split_batch
 from bayesso.curvature import CurvatureEngine
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Regression
@@ -121,7 +121,7 @@ def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kin
             for index, batch in enumerate(batches):
                 with located(f"fit_laplace, batch {index + 1}"):
                     x, y = split_batch(batch)
-                    check_targets(likelihood, x, y)
+                    check_batch(likelihood, x, y)
                     curvature = engine.compute(x, y, generator=generator)
                 with torch.no_grad():
                     outputs = module(x)

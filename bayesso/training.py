@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from bayesso.batches import check_loader, check_targets, forward, located, split_batch
+from bayesso.batches import check_batch, check_loader, forward, located, split_batch
 from bayesso.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Classification
@@ -257,7 +257,7 @@ class _Run:
         likelihood, module = model.likelihood, model.module
         with located(where):
             x, y = split_batch(batch)
-            check_targets(likelihood, x, y)
+            check_batch(likelihood, x, y)
         checked, last = [], {}
 
         def closure():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bayesso.batches import check_inputs, check_loader, check_targets, describe, forward, located, split_batch
+from bayesso.batches import check_batch, check_inputs, check_loader, describe, forward, located, split_batch
 from bayesso.data import make_loader
 from bayesso.likelihoods import Binary, Classification, Regression
 
@@ -46,15 +46,15 @@ def test_inputs_and_targets():
         check_inputs(bad)
     with pytest.raises(ValueError, match="non-empty batch tensor"):
         check_inputs(x[:0])
-    check_targets(Classification(), x, torch.tensor([0, 2, 1, 0]))
+    check_batch(Classification(), x, torch.tensor([0, 2, 1, 0]))
     with pytest.raises(ValueError, match="integer class indices"):
-        check_targets(Classification(), x, torch.zeros(4))
+        check_batch(Classification(), x, torch.zeros(4))
     with pytest.raises(ValueError, match="batch size mismatch: x has 4 examples and y has 3"):
-        check_targets(Classification(), x, torch.zeros(3, dtype=torch.long))
+        check_batch(Classification(), x, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="binary targets must be 0 or 1"):
-        check_targets(Binary(), x, torch.tensor([0.0, 1.0, 0.5, 1.0]))
+        check_batch(Binary(), x, torch.tensor([0.0, 1.0, 0.5, 1.0]))
     with pytest.raises(ValueError, match="regression targets must be finite"):
-        check_targets(Regression(), x, torch.tensor([[0.0], [float("nan")], [1.0], [2.0]]))
+        check_batch(Regression(), x, torch.tensor([[0.0], [float("nan")], [1.0], [2.0]]))
     with pytest.raises(ValueError, match=r"outputs' shape \(4, 1\), got \(4,\) \(add the output dimension"):
         Regression().check(torch.zeros(4, 1), torch.zeros(4))
 

@@ -106,8 +106,9 @@ class Posterior(Hyperparameters, ABC):
         ``refresh=False`` sampling and solves keep the previous decomposition until the next
         refresh (K-FAC's inverse interval).
         """
-        decomposed = self._decomposed if self._decomposed is not None or refresh else self.statistic
-        decomposed_blocks = None if refresh else dict(decomposed.blocks)
+        decomposed_blocks = None  # with refresh=False: the blocks the kept decomposition comes from
+        if not refresh:
+            decomposed_blocks = dict((self.statistic if self._decomposed is None else self._decomposed).blocks)
         blocks, reshaped = {}, set()
         for plan in self.plans:
             mine, new = self.statistic.blocks[plan.name], curvature.blocks[plan.name]

@@ -7,7 +7,6 @@ anything is written, and the statistic is replaced by new blocks, never copied i
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -82,12 +81,16 @@ def check_posterior_state(posterior: Posterior, state, where: str = "posterior s
     if not isinstance(state["initialized"], bool):
         raise ValueError(f"{where}['initialized'] must be True or False, got {state['initialized']!r}")
     check_tensor(state["prior_precision"], posterior.prior_precision, f"{where}['prior_precision']")
-    _check_number(state["dataset_size"], f"{where}['dataset_size']", positive=True, optional=True)
-    _check_number(state["temperature"], f"{where}['temperature']", positive=True)
-    _check_number(state["damping"], f"{where}['damping']", positive=False)
     unknown = set(state["deterministic"]) - set(names)
     if unknown:
         raise ValueError(f"{where}['deterministic'] names modules without a block: {sorted(unknown)}")
+    saved = posterior.snapshot()
+    try:  # the hyperparameter setters' own checks, undone right after
+        _set_hyperparameters(posterior, state)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    finally:
+        posterior.restore(saved)
     return templates
 
 
@@ -98,11 +101,7 @@ def load_posterior_state(posterior: Posterior, state: dict) -> None:
         statistic = _blocks(posterior.statistic, templates, state["statistic"])
         saved = state["decomposed"]
         decomposed = None if saved is None else _blocks(posterior.statistic, templates, saved)
-        posterior.prior_precision = state["prior_precision"]
-        posterior.dataset_size = state["dataset_size"]
-        posterior.temperature = state["temperature"]
-        posterior.damping = state["damping"]
-        posterior.deterministic = set(state["deterministic"])
+        _set_hyperparameters(posterior, state)
         source = statistic if decomposed is None else decomposed
         posterior._bases = {name: posterior._eigenbasis(block) for name, block in source.blocks.items()}
         posterior.statistic, posterior._decomposed = statistic, decomposed
@@ -110,12 +109,12 @@ def load_posterior_state(posterior: Posterior, state: dict) -> None:
         posterior._revision += 1
 
 
-def _check_number(value, where: str, positive: bool, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{where} must be a {'positive' if positive else 'non-negative'} finite number, got {value!r}")
+def _set_hyperparameters(posterior: Posterior, state: dict) -> None:
+    posterior.prior_precision = state["prior_precision"]
+    posterior.dataset_size = state["dataset_size"]
+    posterior.temperature = state["temperature"]
+    posterior.damping = state["damping"]
+    posterior.deterministic = set(state["deterministic"])
 
 
 def _tensors(curvature: Curvature) -> dict[str, list[Tensor]]:

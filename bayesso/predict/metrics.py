@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bayesso.batches import check_loader, check_targets, describe, located, split_batch
+from bayesso.batches import check_batch, check_loader, describe, located, split_batch
 from bayesso.likelihoods import Regression
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def evaluate(
             with located(f"evaluate, {what} batch {index + 1}"):
                 x, y = split_batch(batch) if what == "test" else (_inputs(batch), None)
                 if y is not None:
-                    check_targets(likelihood, x, y)
+                    check_batch(likelihood, x, y)
                 predictive = model.predict(x, n_samples=n_samples, method=method, generator=generator)
                 if y is not None:  # the targets against the predictive's outputs (probabilities or means)
                     outputs = predictive.mean if predictive.mean is not None else predictive.probs
