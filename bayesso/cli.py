@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {str(args.out)!r} exists and is not a folder")
-    from bayesso.demo import DemoConfig, format_table, run_demo
+    from bayesso.demo import DemoConfig, compare_with_adam, format_table, run_demo
     from bayesso.demo_report import write_report
 
     config = DemoConfig(epochs=args.epochs, samples=args.samples, seeds=args.seeds)
@@ -56,7 +56,10 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config.epochs, config.samples, config.seeds = 3, 8, 1
     study = run_demo(config)
     written = write_report(study, args.out)
-    sys.stdout.write(format_table(study.methods) + "\n\n" + f"wrote {', '.join(str(p) for p in written)}\n")
+    comparison = "".join(f"{line}\n" for line in compare_with_adam(study.methods))
+    sys.stdout.write(
+        format_table(study.methods) + "\n\n" + comparison + f"\nwrote {', '.join(str(p) for p in written)}\n"
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bayesso.demo import IN_CLASSES, DemoConfig, MethodResult, Study, format_table
+from bayesso.demo import IN_CLASSES, DemoConfig, MethodResult, Study, compare_with_adam, format_table
 
 __all__ = ["write_report"]
 
@@ -80,11 +80,15 @@ def _markdown(results: list[MethodResult], config: DemoConfig, figures: list[Pat
         f"{100 * config.test_fraction:.0f}% of the images are the test set ({n_test} for seed 0) and "
         f"{100 * config.validation_fraction:.0f}% of the rest are held out for temperature scaling. "
         "OOD AUROC separates the test images from digits 5-9 by the maximum predicted probability; "
-        "ECE uses 15 equal-width bins. VI: prior precision "
-        f"{config.prior_precision}, temperature {config.temperature} (the small-data recipe), "
-        f"{config.samples} weight samples per prediction. Time includes training and prediction. {seeds}.",
+        "ECE uses 15 equal-width bins. VI and Laplace at their defaults (prior precision 1, temperature 1; "
+        f"Laplace's prior tuned on the validation split), {config.samples} weight samples per prediction. "
+        f"Time includes training and prediction. {seeds}.",
         "",
         format_table(results),
+        "",
+        "Compared with Adam (means over seeds):",
+        "",
+        *[f"- {line}" for line in compare_with_adam(results)],
         "",
         "| method | " + " | ".join(title for _, title in EXTRA_METRICS) + " |",
         "|---|" + "---:|" * len(EXTRA_METRICS),
@@ -92,7 +96,7 @@ def _markdown(results: list[MethodResult], config: DemoConfig, figures: list[Pat
     for r in results:
         cells = [f"{100 * r.mean(metric):.2f}" for metric, _ in EXTRA_METRICS]
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
-    lines += ["", "Temperature scaling per seed:", ""]
+    lines += ["", "Temperature scaling and Laplace per seed:", ""]
     lines += [f"- {r.name}, seed {seed}: {note}" for r in results for seed, note in enumerate(r.notes) if note]
     if figures:
         lines += ["", "## Reliability diagrams (seed 0)", ""]

@@ -16,6 +16,7 @@ the noise σ: the Gaussian NLL's curvature scales as 1/σ², so the statistic fi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from bayesso.batches import check_batch, check_loader, located, split_batch
 from bayesso.curvature import CurvatureEngine
 from bayesso.distributed import ProcessGrid
-from bayesso.likelihoods import Regression
+from bayesso.likelihoods import Binary, Classification, Regression
 from bayesso.posteriors import POSTERIORS, Posterior
 
 if TYPE_CHECKING:
@@ -169,7 +170,10 @@ def log_marginal_likelihood(
     nll, scale = torch.tensor(fit.nll, dtype=torch.float64), 1.0
     if sigma is not None:
         if not isinstance(model.likelihood, Regression):
-            raise ValueError("sigma is the noise of the regression likelihood; this model is not regression")
+            raise ValueError(
+                "sigma is the noise of the regression likelihood; this model is not regression (its likelihood is "
+                f"{type(model.likelihood).__name__})"
+            )
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         if not bool(sigma.detach() > 0):
             raise ValueError(f"sigma must be positive, got {float(sigma.detach())}")
@@ -209,9 +213,12 @@ def optimize_prior_precision(
         raise ValueError(f"method must be 'marglik' or 'grid', got {method!r}")
     if granularity not in ("scalar", "module"):
         raise ValueError(f"granularity must be 'scalar' or 'module', got {granularity!r}")
-    regression = isinstance(model.likelihood, Regression)
-    if optimize_sigma and not regression:
-        raise ValueError("optimize_sigma needs the regression likelihood")
+    regression = not isinstance(model.likelihood, (Classification, Binary))  # the default grid predictive
+    if optimize_sigma and not isinstance(model.likelihood, Regression):
+        raise ValueError(
+            "optimize_sigma needs the regression likelihood, whose one noise σ it tunes; "
+            f"{type(model.likelihood).__name__} has no σ (a heteroscedastic model predicts its noise)"
+        )
     if getattr(model, "laplace_fit", None) is None:
         raise ValueError("optimize_prior_precision needs a Laplace posterior: call fit_laplace(loader) first")
     if method == "grid":
@@ -281,6 +288,15 @@ def _grid_search(model: BayesianModel, val_loader, grid, predictive: str, n_samp
         posterior.prior_precision = original
         raise
     best = min(range(len(values)), key=scores.__getitem__)
+    if len(values) > 1 and values[best] in (min(values), max(values)):
+        edge = "largest" if values[best] == max(values) else "smallest"
+        hint = ("the MAP's own predictions may be as good on this data" if edge == "largest"
+                else "the posterior may be too narrow")  # fmt: skip
+        warnings.warn(
+            f"the best prior precision {values[best]:.3g} is the {edge} value of the grid; the optimum may lie "
+            f"beyond it ({hint}): widen the grid",
+            stacklevel=3,
+        )
     posterior.prior_precision = values[best]
     return {"prior_precision": posterior.prior_precision.clone(), "val_nll": scores[best],
             "grid": values, "scores": scores}  # fmt: skip

@@ -7,7 +7,14 @@ mean). For the curvature engine each also gives
 - ``gradient(f, y)``: d l_i / d f_i, shaped like ``f``;
 - ``sample(f)``: labels drawn from the model's predictive p(y | f) (MC Fisher);
 - ``hessian_sqrt(f)``: S_i with S_i S_i^T = Lambda_i = d^2 l_i / d f_i^2, shaped
-  (B, O, K) where O is the number of outputs per example (exact GGN).
+  (B, O, K) where O is the number of outputs per example (exact GGN); where that
+  Hessian depends on y, its expectation E_y[d^2 l_i / d f_i^2], the Fisher.
+
+``Heteroscedastic``: outputs (B, 2D) are D means μ, then D log-variances s = log σ²;
+targets (B, D); l_i = Σ_d ½[(y - μ)² e^{-s} + s + log 2π]. Its gradient is (μ - y) e^{-s}
+for μ and ½[1 - (y - μ)² e^{-s}] for s; the Fisher in (μ, s) is diag(e^{-s}, ½), with root
+diag(e^{-s/2}, 1/√2). It is the GGN of the network composed with the map D to the natural
+parameters η = (μ/σ², -1/(2σ²)), in which l is convex: J_ηᵀ F_η J_η = Jᵀ Dᵀ F_η D J = Jᵀ F_(μ,s) J.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Binary", "Classification", "Likelihood", "Regression", "get_likelihood"]
+__all__ = ["Binary", "Classification", "Heteroscedastic", "Likelihood", "Regression", "get_likelihood"]
 
 
 class Likelihood(ABC):
@@ -166,6 +173,13 @@ class Binary(Likelihood):
         return (probs * (1 - probs)).sqrt().reshape(-1, 1, 1)
 
 
+def _check_real(targets: Tensor, name: str) -> None:
+    if not targets.dtype.is_floating_point:
+        raise ValueError(f"{name} targets must be floating point, got dtype {targets.dtype}")
+    if not torch.isfinite(targets).all():
+        raise ValueError(f"{name} targets must be finite, got a NaN or infinite target")
+
+
 class Regression(Likelihood):
     """Gaussian likelihood N(y | f, sigma^2 I) on outputs (B,) or (B, D).
 
@@ -188,10 +202,7 @@ class Regression(Likelihood):
 
     def check_targets(self, targets: Tensor) -> None:
         super().check_targets(targets)
-        if not targets.dtype.is_floating_point:
-            raise ValueError(f"regression targets must be floating point, got dtype {targets.dtype}")
-        if not torch.isfinite(targets).all():
-            raise ValueError("regression targets must be finite, got a NaN or infinite target")
+        _check_real(targets, self.name)
 
     def _check(self, outputs: Tensor, targets: Tensor) -> None:
         _check_batch(outputs, targets)
@@ -227,11 +238,83 @@ class Regression(Likelihood):
         return f"Regression(sigma={float(torch.as_tensor(self.sigma))})"
 
 
-_NAMES = {"classification": Classification, "binary": Binary, "regression": Regression}
+class Heteroscedastic(Likelihood):
+    """Gaussian likelihood N(y | μ, e^s) whose mean μ and log-variance s = log σ² are network outputs.
+
+    Outputs (B, 2D): D means, then D log-variances ((B, 2) for one target); targets (B, D).
+    Summed NLL Σ_i Σ_d ½[(y - μ)² e^{-s} + s + log 2π]; ``hessian_sqrt`` is the root of the Fisher
+    diag(e^{-s}, ½), the GGN through the natural parameters (see the module docstring).
+    """
+
+    name = "heteroscedastic"
+
+    def check_targets(self, targets: Tensor) -> None:
+        super().check_targets(targets)
+        _check_real(targets, self.name)
+        if targets.ndim != 2:
+            hint = " (add the target dimension with y.unsqueeze(-1))" if targets.ndim == 1 else ""
+            raise ValueError(f"heteroscedastic targets must have shape (B, D), got {tuple(targets.shape)}{hint}")
+
+    def check_outputs(self, outputs: Tensor) -> None:
+        """Raise ``ValueError`` unless ``outputs`` are (B, 2D) with D ≥ 1."""
+        if outputs.ndim != 2:
+            raise ValueError(f"{_LAYOUT}, got {tuple(outputs.shape)}")
+        self.split(outputs)
+
+    def split(self, outputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ, s), each (..., D), from outputs (..., 2D): (B, 2D), or draws (S, B, 2D)."""
+        if outputs.ndim < 2 or outputs.shape[-1] == 0 or outputs.shape[-1] % 2:
+            raise ValueError(f"{_LAYOUT}, got {tuple(outputs.shape)}")
+        mean, log_variance = outputs.chunk(2, dim=-1)
+        return mean, log_variance
+
+    def _check(self, outputs: Tensor, targets: Tensor) -> None:
+        self.check_outputs(outputs)
+        _check_batch(outputs, targets)
+        expected = (outputs.shape[0], outputs.shape[1] // 2)
+        if tuple(targets.shape) != expected:
+            raise ValueError(
+                f"heteroscedastic targets must have shape (B, D) = {expected} for outputs (B, 2D) = "
+                f"{tuple(outputs.shape)}, got {tuple(targets.shape)}"
+            )
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        mean, log_variance = self.split(outputs)
+        squared = (targets.to(outputs.dtype) - mean).square()
+        return 0.5 * (squared * torch.exp(-log_variance) + log_variance + math.log(2 * math.pi)).sum()
+
+    def gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        mean, log_variance = self.split(outputs)
+        precision = torch.exp(-log_variance)
+        error = mean - targets.to(outputs.dtype)
+        return torch.cat([error * precision, 0.5 * (1 - error.square() * precision)], dim=-1)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean, log_variance = self.split(outputs.detach())
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + noise * torch.exp(0.5 * log_variance)
+
+    def hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        _, log_variance = self.split(outputs)
+        root = torch.cat([torch.exp(-0.5 * log_variance), torch.full_like(log_variance, math.sqrt(0.5))], dim=-1)
+        return torch.diag_embed(root)
+
+
+_LAYOUT = "heteroscedastic outputs must have shape (B, 2D): D means, then D log-variances"
+
+_NAMES = {
+    "classification": Classification,
+    "binary": Binary,
+    "regression": Regression,
+    "heteroscedastic": Heteroscedastic,
+}
 
 
 def get_likelihood(likelihood: str | Likelihood, sigma: float | Tensor = 1.0) -> Likelihood:
-    """A ``Likelihood`` from its name ("classification", "binary", "regression") or itself."""
+    """A ``Likelihood`` from its name ("classification", "binary", "regression", "heteroscedastic") or itself.
+
+    ``sigma`` is the noise of "regression" and is unused by the others.
+    """
     if isinstance(likelihood, Likelihood):
         return likelihood
     if likelihood not in _NAMES:

@@ -33,7 +33,7 @@ class BayesianModel:
 
     Args:
         module: the network; nothing is copied or swapped.
-        likelihood: "classification", "binary", "regression" or a ``Likelihood``.
+        likelihood: "classification", "binary", "regression", "heteroscedastic" or a ``Likelihood``.
         posterior: "diag", "kron", "full" or a ``Posterior`` built on ``module``.
         prior_precision: δ of the prior N(0, I/δ) (a number or {module name: number}).
         dataset_size: N; ``fit`` fills it from the loader when None.
@@ -100,7 +100,10 @@ class BayesianModel:
         """Natural-gradient VI over ``loader`` of (x, y) batches with a preset optimizer.
 
         ``method``: "vogn", "noisy_kfac", "noisy_adam" or "ivon"; ``optimizer_options`` go to the
-        preset (``lr``, ``mc_samples``, ...). The closure's loss is the batch mean of the NLL.
+        preset (``lr``, ``mc_samples``, ...), except ``schedule`` ("cosine", the default, or None:
+        lr decays over the run) and ``learn_noise`` (regression: σ learned, True by default). The
+        closure's loss is the batch mean of the NLL. Each record also holds the prior precision per
+        block and, for regression, σ; a diverging run raises a ``DivergenceWarning``.
         Every batch is checked first (``bayesso.batches``). Returns one dict per epoch with the
         mean loss and, for classification, the running accuracy (at the sampled weights).
 

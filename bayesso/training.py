@@ -16,6 +16,13 @@ so that a run killed at any point and resumed ends bit-identical to an uninterru
 trains one more epoch. Samplers must draw their randomness when an epoch starts (as all of
 torch's do); ``set_epoch`` is called on samplers that have it.
 
+Every preset runs with ``fit``'s defaults: lr decays along a cosine over the run
+(``schedule="cosine"``; None keeps it), the Gaussian likelihood's σ is learned (``learn_noise``:
+σ² is the mean squared residual at the sampled weights, the ELBO's maximiser, set from the first
+batch and then an EMA, with the statistic and momentum rescaled by (σ_old/σ_new)²), each epoch's
+record reports the prior precision per block and σ, and a run whose loss gives back more than half
+of its gain two epochs running raises a ``DivergenceWarning`` (once per call).
+
 Under a ``ProcessGrid`` every rank writes its own file (``name.rank{r}.suffix``); on
 resumption the ranks agree on the newest step that all of them hold, so a job that
 ``torchrun --max-restarts`` restarts after a worker died loses nothing.
@@ -24,6 +31,7 @@ resumption the ranks agree on the newest step that all of them hold, so a job th
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from pathlib import Path
@@ -35,14 +43,19 @@ from tqdm.auto import tqdm
 from bayesso.batches import check_batch, check_loader, forward, located, split_batch
 from bayesso.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from bayesso.distributed import ProcessGrid
-from bayesso.likelihoods import Classification
+from bayesso.likelihoods import Classification, Regression
+from bayesso.optim.empirical_bayes import NoiseEstimate
 from bayesso.random_state import capture_random_state, loader_generators, restore_random_state
 from bayesso.saved_state import check_entries
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
 
-__all__ = ["CheckpointFiles", "ModelState", "fit"]
+__all__ = ["CheckpointFiles", "DivergenceWarning", "ModelState", "divergence", "fit"]
+
+
+class DivergenceWarning(UserWarning):
+    """``fit``'s training loss rose back, two epochs running, by more than half of what it had gained."""
 
 
 class ModelState:
@@ -54,6 +67,7 @@ class ModelState:
         self.modes = [m.training for m in model.module.modules()]
         self.posterior, self.posterior_state = model.posterior, model.posterior.snapshot()
         self.laplace_fit, self.optimizer = copy.copy(model.laplace_fit), model.optimizer
+        self.sigma = getattr(model.likelihood, "sigma", None)
 
     def restore(self) -> None:
         model = self.model
@@ -65,6 +79,8 @@ class ModelState:
         model.posterior = self.posterior
         self.posterior.restore(self.posterior_state)
         model.laplace_fit, model.optimizer = self.laplace_fit, self.optimizer
+        if self.sigma is not None:
+            model.likelihood.sigma = self.sigma
 
 
 class CheckpointFiles:
@@ -132,6 +148,9 @@ def fit(
     from bayesso.optim import PRESETS
 
     grid = grid or ProcessGrid()
+    options = dict(options)
+    learn_noise = options.pop("learn_noise", isinstance(model.likelihood, Regression))
+    schedule = options.pop("schedule", "cosine")
     infer_size = model.posterior.dataset_size is None and "dataset_size" not in options
     with grid.lockstep("fit arguments") as shared:  # refused on one rank: refused on every rank
         if method not in PRESETS:
@@ -146,6 +165,10 @@ def fit(
             )
         if not isinstance(resume, bool):
             raise ValueError(f"resume must be True or False, got {resume!r}")
+        if schedule not in ("cosine", None):
+            raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
+        if learn_noise not in (True, False) or (learn_noise and not isinstance(model.likelihood, Regression)):
+            raise ValueError(f"learn_noise must be True (regression likelihood only) or False, got {learn_noise!r}")
         check_loader(loader, passes=epochs)
         files = None if checkpoint is None else CheckpointFiles(checkpoint, grid)
         if infer_size:
@@ -161,7 +184,9 @@ def fit(
         optimizer = PRESETS[method](model, grid=grid, **options)
         if optimizer.engine is not None:  # fit sets the training mode itself: no advice to switch it
             optimizer.engine.warn_training_batchnorm = False
-        run = _Run(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid)
+        noise = NoiseEstimate() if learn_noise else None
+        run = _Run(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid, noise)
+        run.schedule = schedule
         if files is not None and resume:
             run.resume(files.latest())
         run.train()
@@ -178,17 +203,30 @@ def fit(
     return run.history
 
 
+def divergence(losses: list[float]) -> str | None:
+    """What is wrong when each of the last two epochs' losses gave back more than half of the gain from
+    the first epoch to the best one (None when they did not: one noisy epoch is not a divergence)."""
+    first, best, last = losses[0], min(losses), losses[-1]
+    if len(losses) > 2 and first > best and min(losses[-2:]) - best > 0.5 * (first - best):
+        return (f"epoch {len(losses)}: the training loss rose to {last:.4g} from its best {best:.4g} (epoch "
+                f"{losses.index(best) + 1}; first epoch {first:.4g}): the run is diverging")  # fmt: skip
+    return None
+
+
 class _Run:
     """The training loop and its position: epoch, batches used in it, steps in total, running sums."""
 
-    def __init__(self, model, optimizer, loader, method, epochs, progress, files, every, grid) -> None:
+    def __init__(self, model, optimizer, loader, method, epochs, progress, files, every, grid, noise) -> None:
         self.model, self.optimizer, self.loader, self.method, self.epochs = model, optimizer, loader, method, epochs
-        self.progress, self.files, self.every, self.grid = progress, files, every, grid
+        self.progress, self.files, self.every, self.grid, self.noise = progress, files, every, grid, noise
         self.generators = loader_generators(loader)
         self.epoch = self.batch = self.step = self.saved_step = 0
         self.sums = [0.0, 0, 0.0]  # loss x examples, examples, correct
         self.history: list[dict] = []
         self.resumed: dict | None = None
+        self.schedule, self.warned = None, False
+        per_epoch = len(loader) if hasattr(loader, "__len__") else None
+        self.total_steps = None if per_epoch is None else epochs * per_epoch
 
     def resume(self, content: dict | None) -> None:
         """Continue from a checkpoint's content (None: start afresh)."""
@@ -206,8 +244,13 @@ class _Run:
                 f"{self.epochs}; pass more epochs, or resume=False to start afresh"
             )
         check_entries(content["module"], module.state_dict(), "the checkpoint's module state")
+        if (content["noise"] is None) != (self.noise is None):
+            raise ValueError("the checkpoint's run learned σ and this one does not, or the other way round")
         self.optimizer.load_state_dict(content["optimizer"])
         module.load_state_dict(content["module"])
+        if self.noise is not None:
+            self.noise.variance = content["noise"]["variance"]
+            self.model.likelihood.sigma = content["noise"]["sigma"]
         self.epoch, self.batch, self.step = position["epoch"], position["batch"], position["step"]
         self.saved_step, self.history, self.sums = self.step, list(position["history"]), list(position["sums"])
         self.resumed = content["random"]
@@ -230,7 +273,8 @@ class _Run:
                     self._save()
             if self.batch == 0:
                 raise ValueError(f"fit, epoch {epoch + 1}: the loader yielded no batches")
-            self.history.append({"epoch": epoch + 1, **self._means()})
+            self.history.append({"epoch": epoch + 1, **self._means(), **self._hyperparameters()})
+            self._check_divergence()
             self.epoch, self.batch, self.sums = epoch + 1, 0, [0.0, 0, 0.0]
             if self.every == "epoch" or self.epoch == self.epochs:
                 self._save()
@@ -259,6 +303,13 @@ class _Run:
             x, y = split_batch(batch)
             check_batch(likelihood, x, y)
         checked, last = [], {}
+        if self.noise is not None and self.noise.variance is None:  # σ from the first batch, before any step
+            buffers = [b.clone() for b in module.buffers()]  # batch norm's running statistics stay as they are
+            with torch.no_grad():
+                self.noise.add(float((y - forward(module, x)).double().square().sum()), y.numel())
+                for buffer, saved in zip(module.buffers(), buffers):
+                    buffer.copy_(saved)
+            likelihood.sigma = self._learned_sigma()
 
         def closure():
             optimizer.zero_grad()
@@ -270,9 +321,21 @@ class _Run:
             loss = likelihood.nll(outputs, y) / len(y)
             loss.backward()
             last["outputs"] = outputs.detach()
+            if self.noise is not None:
+                residual = (y.to(outputs.dtype) - outputs.detach()).double()
+                self.noise.add(float(residual.square().sum()), residual.numel())
             return loss
 
+        skipped = optimizer.skipped_steps
+        self._set_lr()
         loss = optimizer.step(closure)
+        if self.noise is not None:  # σ² moves to the mean squared residual at the sampled weights
+            if optimizer.skipped_steps != skipped:
+                self.noise.discard()
+            else:
+                sigma = self._learned_sigma()
+                optimizer.rescale((likelihood.sigma_value / sigma) ** 2)
+                likelihood.sigma = sigma
         self.batch, self.step = self.batch + 1, self.step + 1
         self.sums[0] += float(loss) * len(y)
         self.sums[1] += len(y)
@@ -285,6 +348,37 @@ class _Run:
         if isinstance(self.model.likelihood, Classification):
             means["accuracy"] = correct / max(count, 1)
         return means
+
+    def _learned_sigma(self) -> float:
+        """The updated σ; under a grid from every rank's residuals, so that all ranks keep one σ."""
+        if self.grid.active:
+            totals = self.grid.all_reduce([torch.tensor(self.noise.pending, dtype=torch.float64)])[0]
+            self.noise.discard()
+            self.noise.add(float(totals[0]), round(float(totals[1])))
+        return self.noise.update()
+
+    def _set_lr(self) -> None:
+        """Cosine decay over the run: lr_t = lr · ½(1 + cos(π t / T)) for update t of T (the base lr is kept)."""
+        group = self.optimizer.param_groups[0]
+        base = group.setdefault("initial_lr", group["lr"])
+        if self.schedule is None or self.total_steps is None:
+            return
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(self.step, self.total_steps - 1) / self.total_steps))
+
+    def _hyperparameters(self) -> dict:
+        """The learned values at the end of an epoch: δ per posterior block and, for regression, σ."""
+        values = {"prior_precision": [float(v) for v in self.model.posterior.prior_precision]}
+        if isinstance(self.model.likelihood, Regression):
+            values["sigma"] = self.model.likelihood.sigma_value
+        return values
+
+    def _check_divergence(self) -> None:
+        """Warn once per call of ``fit``, at the first epoch where ``divergence`` finds one."""
+        message = None if self.warned else divergence([record["loss"] for record in self.history])
+        if message is not None:
+            self.warned = True
+            warnings.warn(f"fit ({self.method}), {message}. Lower lr (for K-FAC also inv_interval) or raise damping",
+                          DivergenceWarning, stacklevel=4)  # fmt: skip
 
     def _postfix(self) -> dict:
         return {key: f"{value:.4f}" if key == "loss" else f"{value:.3f}" for key, value in self._means().items()}
@@ -303,6 +397,9 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "progress": position,
                 "random": random_state,
+                "noise": None
+                if self.noise is None
+                else {"variance": self.noise.variance, "sigma": self.model.likelihood.sigma_value},
             }
         )
         self.saved_step = self.step

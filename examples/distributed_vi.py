@@ -43,7 +43,7 @@ def main() -> None:
     shard = grid.shard(len(data.y_train))  # ranks of one MC group share a shard
     loader = make_loader(data.x_train[shard], data.y_train[shard], batch_size=64, seed=grid.data_rank)
     net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-    model = BayesianModel(net, "classification", "diag", prior_precision=50.0, temperature=0.01)
+    model = BayesianModel(net, "classification", "diag")
     history = model.fit(  # dataset_size: the shards' sizes summed over the ranks
         loader, "vogn", epochs=args.epochs, progress=False, grid=grid, checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every,

@@ -16,7 +16,7 @@ from torch import nn
 
 from bayesso import BayesianModel
 from bayesso.curvature import CurvatureEngine
-from bayesso.likelihoods import Binary, Classification, Likelihood, Regression
+from bayesso.likelihoods import Binary, Classification, Heteroscedastic, Likelihood, Regression
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.Generator, int], torch.Tensor]
     likelihood: Likelihood
-    n_outputs: int
+    n_outputs: int  # per example (heteroscedastic: 2D for D targets)
 
     def data(self, batch_size: int = 5, seed: int = 0):
         """(model, x, y) in float64, the model in eval mode, y drawn from the likelihood's support."""
@@ -39,6 +39,8 @@ class Case:
             y = torch.randint(0, self.n_outputs, (batch_size,), generator=gen)
         elif isinstance(self.likelihood, Binary):
             y = torch.randint(0, 2, (batch_size,), generator=gen).double()
+        elif isinstance(self.likelihood, Heteroscedastic):
+            y = torch.randn(batch_size, self.n_outputs // 2, generator=gen, dtype=torch.float64)
         else:
             y = torch.randn(batch_size, self.n_outputs, generator=gen, dtype=torch.float64)
         return model, x, y
@@ -139,6 +141,13 @@ CASES = [
         2,
     ),
     Case("mlp_binary", lambda: nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 1)), _normal(3), Binary(), 1),
+    Case(
+        "mlp_heteroscedastic",
+        lambda: nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)),
+        _normal(3),
+        Heteroscedastic(),
+        4,
+    ),
     Case(
         "linear_sequence",
         lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), MeanOverPositions(), nn.Linear(5, 3)),

@@ -2,7 +2,8 @@
 
 Everything is over the model's trainable parameters in ``named_parameters()`` order,
 each flattened row-major, for the SUMMED NLL. Per-example losses are written with
-torch.nn.functional directly, not with bayesso's likelihoods.
+torch.nn.functional directly, not with bayesso's likelihoods. The heteroscedastic
+Gaussian's GGN goes through its natural parameters, where its loss is convex.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
-from bayesso.likelihoods import Binary, Classification, Likelihood
+from bayesso.likelihoods import Binary, Classification, Heteroscedastic, Likelihood
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,8 +48,30 @@ def example_loss(likelihood: Likelihood, f: torch.Tensor, y: torch.Tensor) -> to
         return F.cross_entropy(f.unsqueeze(0), y.unsqueeze(0), reduction="sum")
     if isinstance(likelihood, Binary):
         return F.binary_cross_entropy_with_logits(f.reshape(()), y.reshape(()).to(f.dtype))
+    if isinstance(likelihood, Heteroscedastic):  # f = (μ_1..μ_D, s_1..s_D), s = log σ²
+        mean, log_variance = f.reshape(2, -1)
+        return 0.5 * ((y - mean) ** 2 / log_variance.exp() + log_variance + math.log(2 * math.pi)).sum()
     sigma = float(likelihood.sigma)
     return 0.5 * ((y - f) ** 2).sum() / sigma**2 + 0.5 * f.numel() * math.log(2 * math.pi * sigma**2)
+
+
+def to_natural(f: torch.Tensor) -> torch.Tensor:
+    """Heteroscedastic outputs (μ, s) of one example to the natural parameters η = (μ/σ², -1/(2σ²))."""
+    mean, log_variance = f.reshape(2, -1)
+    return torch.cat([mean / log_variance.exp(), -0.5 / log_variance.exp()])
+
+
+def natural_loss(eta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-log N(y | ·) of one example in its natural parameters: -η1 y - η2 y² + A(η) + ½ log 2π."""
+    eta1, eta2 = eta.reshape(2, -1)
+    log_partition = -(eta1**2) / (4 * eta2) - 0.5 * torch.log(-2 * eta2)
+    return (-eta1 * y - eta2 * y**2 + log_partition + 0.5 * math.log(2 * math.pi)).sum()
+
+
+def natural_ggn(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """D^T (d²l/dη²) D at one example's heteroscedastic outputs f, with D = dη/df."""
+    eta_jacobian = jacrev(to_natural)(f)
+    return eta_jacobian.T @ hessian(natural_loss)(to_natural(f), y) @ eta_jacobian
 
 
 def _example_output(model: nn.Module):
@@ -65,12 +88,15 @@ def jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def loss_hessians(model: nn.Module, likelihood: Likelihood, x, y) -> torch.Tensor:
-    """Lambda_i (B, O, O): Hessian of the per-example loss w.r.t. the outputs."""
+    """Lambda_i (B, O, O): Hessian of the per-example loss w.r.t. the outputs (heteroscedastic: ``natural_ggn``)."""
     output, theta = _example_output(model), flat_parameters(model)
     hessians = []
     for xi, yi in zip(x, y):
         fi = output(theta, xi).reshape(-1)
-        hessians.append(hessian(lambda f, yi=yi: example_loss(likelihood, f, yi))(fi))
+        if isinstance(likelihood, Heteroscedastic):
+            hessians.append(natural_ggn(fi, yi))
+        else:
+            hessians.append(hessian(lambda f, yi=yi: example_loss(likelihood, f, yi))(fi))
     return torch.stack(hessians)
 
 

@@ -138,6 +138,14 @@ FIT = [
     fit_case("loader=None", classifier, lambda: None, ValueError, "must be an iterable of \\(x, y\\) batches"),
     fit_case("a tensor as the loader", classifier, lambda: _data()[0], ValueError, "wrap tensors with"),
     fit_case("mc_samples=0", classifier, loader, ValueError, "mc_samples must be a positive integer", mc_samples=0),
+    fit_case("schedule='linear'", classifier, loader, ValueError, "schedule must be 'cosine' or None, got 'linear'",
+             schedule="linear"),
+    fit_case("learn_noise=True for classification", classifier, loader, ValueError,
+             r"learn_noise must be True \(regression likelihood only\) or False, got True", learn_noise=True),
+    fit_case("learn_prior='layer'", classifier, loader, ValueError,
+             "learn_prior must be 'module', 'scalar' or None, got 'layer'", learn_prior="layer"),
+    fit_case("kl_clip=-1", regression, lambda: make_loader(_regression_data()[0], _regression_data()[1][:, None], 8),
+             ValueError, "kl_clip must be positive and finite, got -1", kl_clip=-1.0),
     fit_case("betas=0.9", classifier, loader, ValueError, "betas must be two numbers", betas=0.9),
     fit_case("NaN regression targets", regression, lambda: loader(_regression_data()[0], torch.full((40, 1), math.nan)),
              ValueError, "regression targets must be finite"),
@@ -365,7 +373,7 @@ def _ivon_diverging():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
     model = BayesianModel(module, "classification", "diag", prior_precision=1.0, dataset_size=48)
-    optimizer = IVON(model, lr=1e4)
+    optimizer = IVON(model, lr=1e4, kl_clip=None)  # without the trust region, which would keep it finite
     x, y = _data()
     for _ in range(40):  # steps until the candidate is non-finite; each earlier one is whole and finite
         before = snapshot(model, optimizer)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayesso.data import load_digits
-from bayesso.demo import METHODS, DemoConfig, run_demo, small_cnn, split_validation
+from bayesso.demo import METHODS, DemoConfig, MethodResult, compare_with_adam, run_demo, small_cnn, split_validation
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,13 @@ def test_validation_split_partitions_the_training_set_and_the_cnn_has_the_docume
     assert torch.equal(torch.cat([kept.y_train, y_val]).bincount(), data.y_train.bincount())
     assert sum(p.numel() for p in small_cnn().parameters()) == 6090
     assert small_cnn(5, width=8)(torch.zeros(2, 1, 8, 8)).shape == (2, 5)
+
+
+def test_comparison_with_adam_names_every_metric_on_the_right_side():
+    adam = MethodResult("Adam (MAP)", "adam", runs=[{"accuracy": 0.9, "nll": 0.3, "ece": 0.05, "auroc": 0.8}])
+    other = MethodResult("VOGN", "vogn", runs=[{"accuracy": 0.95, "nll": 0.4, "ece": 0.02, "auroc": 0.8}])
+    (line,) = compare_with_adam([adam, other])
+    assert line == (
+        "VOGN: better than Adam in accuracy 0.95 vs 0.9, ECE 0.02 vs 0.05; "
+        "not better in NLL 0.4 vs 0.3, OOD AUROC 0.8 vs 0.8."
+    )

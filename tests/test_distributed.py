@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bayesso import BayesianModel
+from bayesso.data import make_loader
 from bayesso.distributed import ProcessGrid, finish
 from bayesso.optim import VOGN, SecondOrderOptimizer
 from tests.cases import CASES_BY_NAME
@@ -79,6 +80,20 @@ def predict_run(grid: ProcessGrid | None, x) -> torch.Tensor:
     return model.predict(x, n_samples=7, generator=torch.Generator().manual_seed(5), grid=grid).probs
 
 
+def regression_fit(grid: ProcessGrid | None, x, y) -> dict:
+    """``fit`` with σ learned; under a grid each rank passes its own shard."""
+    torch.manual_seed(0)
+    model = BayesianModel(torch.nn.Linear(3, 1).double(), "regression", "diag")
+    model.fit(make_loader(x, y, len(y), shuffle=False), "vogn", epochs=3, progress=False, grid=grid, seed=7)
+    return {"mean": _flat(model.module), "sigma": torch.tensor(model.likelihood.sigma_value, dtype=torch.float64)}
+
+
+def _regression_data():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    return x, x.sum(1, keepdim=True) + 0.3 * torch.randn(16, 1, generator=gen, dtype=torch.float64)
+
+
 def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -92,6 +107,7 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         "second_order": second_order_run(data, x[half], y[half]),
         "laplace": laplace_run(data, x[half], y[half]),
         "predict": predict_run(data, x),
+        "regression_fit": regression_fit(data, *(t[half] for t in _regression_data())),
         "bytes": data.bytes_communicated + mc.bytes_communicated,
     }
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
@@ -120,7 +136,7 @@ def _same(a, b):
 
 
 def test_every_rank_holds_bit_identical_state(ranks):
-    for key in ("vi_mc_groups", "vi_data_parallel", "second_order", "laplace", "predict"):
+    for key in ("vi_mc_groups", "vi_data_parallel", "second_order", "laplace", "predict", "regression_fit"):
         assert _same(ranks[0][key], ranks[1][key]), key
     assert ranks[0]["bytes"] > 0
 
@@ -140,6 +156,12 @@ def test_two_data_parallel_ranks_on_half_batches_equal_one_process_on_the_batch(
     torch.testing.assert_close(ranks[0]["vi_data_parallel"]["mean"], reference["mean"])
     torch.testing.assert_close(ranks[0]["vi_data_parallel"]["precision"], reference["precision"])
     torch.testing.assert_close(ranks[0]["second_order"], second_order_run(None, x, y))
+
+
+def test_learned_noise_is_one_sigma_from_all_shards(ranks):
+    reference = regression_fit(None, *_regression_data())
+    torch.testing.assert_close(ranks[0]["regression_fit"]["sigma"], reference["sigma"])
+    torch.testing.assert_close(ranks[0]["regression_fit"]["mean"], reference["mean"])
 
 
 def test_distributed_laplace_equals_single_process_laplace(ranks):

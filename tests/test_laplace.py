@@ -1,6 +1,7 @@
 """Post-hoc Laplace and its marginal likelihood against closed forms and dense float64 references."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from bayesso.data import make_loader
 from bayesso.likelihoods import Regression
 from bayesso.optim import VOGN
 from tests.cases import CASES_BY_NAME
-from tests.dense import block_diagonal, ggn, loss_hessian, module_blocks, posterior_index
+from tests.dense import block_diagonal, flat_parameters, ggn, loss_hessian, module_blocks, posterior_index
 
 SIGMA, DELTA = 0.4, 2.0
 
@@ -70,7 +71,8 @@ def test_linear_gaussian_laplace_is_the_exact_posterior_and_evidence(structure, 
     assert model.laplace_fit.n_examples == 30 and posterior.dataset_size == 30
 
 
-SEQUENTIAL = ["mlp", "mlp_binary", "mlp_regression", "conv1d", "conv2d", "batchnorm", "layernorm_groupnorm"]
+SEQUENTIAL = ["mlp", "mlp_binary", "mlp_regression", "mlp_heteroscedastic", "conv1d", "conv2d", "batchnorm",
+              "layernorm_groupnorm"]  # fmt: skip
 
 
 @pytest.mark.parametrize("structure", ["diag", "full"])
@@ -170,6 +172,37 @@ def test_moving_sigma_matches_a_fit_at_that_sigma():
     assert moved == pytest.approx(refit.log_marginal_likelihood().item(), rel=1e-10)
 
 
+def test_heteroscedastic_laplace_evidence_and_its_tuning():
+    case = CASES_BY_NAME["mlp_heteroscedastic"]
+    module, x, y = case.data(batch_size=12)
+    model = BayesianModel(module, "heteroscedastic", "full", prior_precision=DELTA)
+    posterior = model.fit_laplace(make_loader(x, y, 5, shuffle=False), progress=False)
+    eye = torch.eye(posterior.numel, dtype=torch.float64)
+    curvature = block_diagonal(ggn(module, case.likelihood, x, y), module, module_blocks(module))  # per module
+    precision = curvature + DELTA * eye  # the GGN through the natural parameters
+    torch.testing.assert_close(posterior.precision_dense(), precision, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        f = module(x)
+    nll = -torch.distributions.Normal(f[:, :2], (f[:, 2:] / 2).exp()).log_prob(y).sum()
+    assert model.laplace_fit.nll == pytest.approx(nll.item(), rel=1e-12) and model.laplace_fit.sigma == 1.0
+    theta, size = flat_parameters(module), posterior.numel
+    prior = torch.distributions.MultivariateNormal(torch.zeros(size, dtype=torch.float64), eye / DELTA)
+    laplace = -nll + prior.log_prob(theta) + 0.5 * size * math.log(2 * math.pi) - 0.5 * torch.logdet(precision)
+    assert model.log_marginal_likelihood().item() == pytest.approx(laplace.item(), rel=1e-10)
+
+    with pytest.raises(ValueError, match="optimize_sigma needs the regression likelihood.*Heteroscedastic has no σ"):
+        model.optimize_prior_precision(optimize_sigma=True)
+    with pytest.raises(ValueError, match="not regression \\(its likelihood is Heteroscedastic\\)"):
+        model.log_marginal_likelihood(sigma=0.5)
+    result = model.optimize_prior_precision()
+    assert result["log_marginal_likelihood"] > laplace.item() and result["sigma"] is None
+    log_delta = model.posterior.prior_precision[0].log().requires_grad_(True)  # one δ for both blocks
+    (slope,) = torch.autograd.grad(model.log_marginal_likelihood(log_delta.exp()), log_delta)
+    assert abs(slope.item()) < 1e-6  # a stationary point of the evidence
+    grid = model.optimize_prior_precision("grid", val_loader=[(x, y)], grid=[0.1, 1.0, 10.0])  # linearized
+    assert all(math.isfinite(score) for score in grid["scores"])
+
+
 class TwoBlocks(nn.Module):
     """Two linear maps on the two halves of the input, summed: one prior precision each."""
 
@@ -226,8 +259,24 @@ def test_grid_search_picks_the_lowest_validation_nll():
     module, x, y = case.data(batch_size=40)
     model = BayesianModel(module, case.likelihood, "kron")
     model.fit_laplace([(x[:30], y[:30])], progress=False)
-    result = model.optimize_prior_precision("grid", val_loader=[(x[30:], y[30:])], grid=[0.01, 1.0, 100.0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = model.optimize_prior_precision("grid", val_loader=[(x[30:], y[30:])], grid=[0.01, 1.0, 100.0])
     best = min(range(3), key=result["scores"].__getitem__)
+    at_edge = [str(w.message) for w in caught if "value of the grid" in str(w.message)]
+    assert len(at_edge) == (best != 1)  # a choice at either end of the grid is reported, one inside is not
+    if best != 1:
+        assert f"{'largest' if best == 2 else 'smallest'} value of the grid" in at_edge[0]
+    scores = result["scores"]
+    with warnings.catch_warnings(record=True) as caught:  # a grid around the best value: no warning
+        warnings.simplefilter("always")
+        value = [0.01, 1.0, 100.0][best]
+        inner = model.optimize_prior_precision(
+            "grid", val_loader=[(x[30:], y[30:])], grid=[value / 3, value, value * 3]
+        )
+    assert scores[best] == inner["scores"][1]
+    if inner["scores"][1] == min(inner["scores"]):
+        assert not [w for w in caught if "value of the grid" in str(w.message)]
     assert result["prior_precision"].tolist() == [[0.01, 1.0, 100.0][best]] * 2  # one per block
     assert result["val_nll"] == min(result["scores"]) and len(set(result["scores"])) == 3
     with pytest.raises(ValueError, match="pass val_loader"):

@@ -49,12 +49,12 @@ def test_fit_on_digits(method, structure):
     torch.manual_seed(0)
     data = load_digits(flatten=True)
     module = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    model = BayesianModel(module, "classification", posterior=structure, prior_precision=50.0, temperature=0.01)
-    history = model.fit(make_loader(data.x_train, data.y_train, 64), method=method, epochs=3, progress=False)
+    model = BayesianModel(module, "classification", posterior=structure)  # the defaults: τ = 1, δ = 1
+    history = model.fit(make_loader(data.x_train, data.y_train, 64), method=method, epochs=10, progress=False)
     assert model.posterior.dataset_size == len(data.x_train)
-    assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["loss"] < history[0]["loss"]
+    assert [h["epoch"] for h in history] == list(range(1, 11)) and history[-1]["loss"] < history[0]["loss"]
     accuracy = (model.predict(data.x_test, n_samples=8).probs.argmax(1) == data.y_test).float().mean()
-    assert accuracy > 0.9
+    assert accuracy > 0.93
 
 
 def test_bad_construction_and_fit_arguments():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from bayesso import BayesianModel
 from bayesso.checkpoint import read_checkpoint
 from bayesso.data import make_loader
-from bayesso.optim import VOGN
+from bayesso.optim import PRESETS, VOGN
+from bayesso.training import DivergenceWarning, divergence
 from tests.state import assert_unchanged, snapshot
 
 ROOT = Path(__file__).parents[1]
@@ -62,12 +64,14 @@ def _same_state(a: BayesianModel, b: BayesianModel) -> bool:
 
 @pytest.mark.parametrize("method, structure", [("vogn", "diag"), ("noisy_kfac", "kron")])
 def test_fit_in_parts_over_one_checkpoint_equals_one_fit(method, structure, tmp_path):
-    whole = _model(structure)
-    history = whole.fit(_loader(), method, epochs=3, progress=False)
+    whole = _model(structure)  # without the cosine schedule, whose length is the run's: extending it changes it
+    history = whole.fit(_loader(), method, epochs=3, progress=False, schedule=None)
     parts = _model(structure)
     loader = _loader()
     for epochs in (1, 3):
-        resumed = parts.fit(loader, method, epochs=epochs, progress=False, checkpoint=tmp_path / "run.pt")
+        resumed = parts.fit(
+            loader, method, epochs=epochs, progress=False, checkpoint=tmp_path / "run.pt", schedule=None
+        )
     assert resumed == history and len(history) == 3
     assert _same_state(whole, parts)
     assert parts.optimizer.state_dict()["vi"]["step"] == whole.optimizer.state_dict()["vi"]["step"] == 18
@@ -180,3 +184,73 @@ def test_a_process_killed_mid_epoch_resumes_bit_identical_to_an_uninterrupted_ru
     assert all(torch.equal(actual["module"][k], v) for k, v in expected["module"].items())
     for name, tensors in expected["posterior"]["statistic"].items():
         assert all(torch.equal(a, b) for a, b in zip(actual["posterior"]["statistic"][name], tensors))
+
+
+def _linear_regression(sigma=0.1, n=1000):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.3 + sigma * torch.randn(n, 1, generator=gen)
+    return x, y
+
+
+@pytest.mark.parametrize("method, structure", [("noisy_kfac", "kron"), ("ivon", "diag")])
+def test_fit_learns_the_regression_noise_and_reaches_the_exact_posterior_mean(method, structure):
+    x, y = _linear_regression()
+    torch.manual_seed(0)
+    model = BayesianModel(nn.Linear(3, 1), "regression", posterior=structure, sigma=0.1)  # a σ to start from
+    history = model.fit(make_loader(x, y, 64), method, epochs=25, progress=False)
+    exact = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], 1), y).solution.flatten()
+    residual = float((y - torch.cat([x, torch.ones(len(x), 1)], 1) @ exact.unsqueeze(1)).square().mean().sqrt())
+    assert abs(model.likelihood.sigma_value - residual) < 0.15 * residual  # σ² -> E_q mean squared residual
+    torch.testing.assert_close(model.posterior.mean(), exact, atol=0.03, rtol=0)
+    assert history[0]["sigma"] > 1.0 and math.isclose(history[-1]["sigma"], model.likelihood.sigma_value)
+    assert len(history[-1]["prior_precision"]) == 1
+
+
+def test_learn_noise_false_keeps_sigma_and_is_refused_without_a_gaussian_likelihood():
+    x, y = _linear_regression(n=128)
+    model = BayesianModel(nn.Linear(3, 1), "regression", sigma=0.5)
+    model.fit(make_loader(x, y, 64), "vogn", epochs=1, progress=False, learn_noise=False)
+    assert model.likelihood.sigma_value == 0.5
+    classifier = BayesianModel(nn.Linear(3, 2), "classification")
+    with pytest.raises(ValueError, match="learn_noise must be True \\(regression likelihood only\\) or False"):
+        classifier.fit(make_loader(x, y.flatten().gt(0).long(), 64), "vogn", learn_noise=True)
+    with pytest.raises(ValueError, match="schedule must be 'cosine' or None, got 'step'"):
+        classifier.fit(make_loader(x, y.flatten().gt(0).long(), 64), "vogn", schedule="step")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", None])
+def test_cosine_schedule_decays_lr_over_the_run(schedule):
+    x, y = _linear_regression(n=128)
+    model = BayesianModel(nn.Linear(3, 1), "regression")
+    model.fit(make_loader(x, y, 32), "noisy_adam", epochs=2, progress=False, lr=0.05, schedule=schedule)
+    group = model.optimizer.param_groups[0]
+    expected = 0.05 * 0.5 * (1 + math.cos(math.pi * 7 / 8)) if schedule else 0.05  # the last of 8 updates
+    assert math.isclose(group["lr"], expected) and group["initial_lr"] == 0.05
+
+
+def test_divergence_is_detected_when_half_the_gain_is_lost():
+    assert divergence([2.0, 1.0, 0.5, 0.6]) is None
+    assert divergence([2.0, 1.0, 0.5, 1.3, 0.6]) is None  # one noisy epoch is not a divergence
+    message = divergence([2.0, 1.0, 0.5, 1.3, 1.4])
+    assert "epoch 5: the training loss rose to 1.4 from its best 0.5 (epoch 3; first epoch 2)" in message
+    assert divergence([1.0]) is None and divergence([1.0, 1.5, 2.0]) is None  # never improved: not a divergence
+
+
+def test_fit_warns_when_the_run_diverges(monkeypatch):
+    x, y = _linear_regression(n=64)
+    losses = iter([5.0, 1.0, 4.0, 4.5, 5.0])  # one batch per epoch
+
+    class Diverging(VOGN):
+        def step(self, closure=None):
+            super().step(closure)
+            return torch.tensor(next(losses))
+
+    monkeypatch.setitem(PRESETS, "vogn", Diverging)
+    model = BayesianModel(nn.Linear(3, 1), "regression")
+    with pytest.warns(
+        DivergenceWarning, match="fit \\(vogn\\), epoch 4: the training loss rose to 4.5 from its best 1"
+    ) as caught:
+        history = model.fit(make_loader(x, y, 64), "vogn", epochs=5, progress=False)
+    assert len([w for w in caught if w.category is DivergenceWarning]) == 1
+    assert [record["loss"] for record in history] == [5.0, 1.0, 4.0, 4.5, 5.0]  # warned once, at epoch 4

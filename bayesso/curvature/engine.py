@@ -43,7 +43,7 @@ class CurvatureEngine:
 
     Args:
         module: any ``nn.Module`` whose forward takes the batch (dimension 0) and returns outputs.
-        likelihood: "classification", "binary", "regression" or a ``Likelihood``.
+        likelihood: "classification", "binary", "regression", "heteroscedastic" or a ``Likelihood``.
         kind: "ggn", "fisher_mc", "fisher_emp" or "hessian".
         structure: "diag", "kron" or "full".
         modules: restrict to these modules (names or module objects), or "last_layer" (the last

@@ -36,6 +36,7 @@ from bayesso.optim.accumulation import (
     recorded_batch_sizes,
 )
 from bayesso.optim.atomic import atomic_step, check_candidate
+from bayesso.optim.empirical_bayes import PRIOR_GRANULARITIES, initialisation_prior, prior_precision_update
 from bayesso.saved_state import check_count, check_keys, check_tensor
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ class VIOptimizer(torch.optim.Optimizer):
         temperature_warmup: (τ0, steps): τ rises linearly from τ0 to ``temperature``.
         deterministic_batchnorm: batch-norm parameters are not sampled and have no prior.
         init_precision: initial statistic s0 (K-FAC: A = G = sqrt(s0) I); without it the first
-            step is taken at the mean and the statistic starts at the first estimate.
+            step is taken at the mean and the statistic starts at the first estimate. A posterior
+            that already has a statistic (after ``fit_laplace`` or an earlier fit) keeps it.
         curv_interval, inv_interval: refresh the statistic / its decomposition every so many steps.
         accumulation_steps: micro-batches (equal sizes) per update; each draws fresh samples.
         skip_nonfinite: skip steps with a non-finite loss, gradient or statistic (counted in
@@ -71,6 +73,9 @@ class VIOptimizer(torch.optim.Optimizer):
             weight samples from the shared generator, this rank evaluates its MC slot's share, and
             gradients and curvature are reduced over all ranks (identical posteriors everywhere).
         kfac_approx: "expand" or "reduce" for K-FAC under weight sharing.
+        kl_clip: κ, scales the mean's step by min(1, sqrt(κ / (α² vᵀ(S + λ)⁻¹v))) (none by default).
+        learn_prior: "module" or "scalar": after every step δ is set to the ELBO's maximiser
+            P / (‖μ‖² + tr Σ) per block or pooled (``bayesso.optim.empirical_bayes``); None keeps it.
     """
 
     prior_in_momentum = True  # the prior gradient δ̃μ enters the momentum (VOGN, Vadam) or is added after (IVON)
@@ -99,6 +104,8 @@ class VIOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         kfac_approx: str = "expand",
         grid: ProcessGrid | None = None,
+        learn_prior: str | None = None,
+        kl_clip: float | None = None,
     ) -> None:
         check_positive("lr", lr)
         check_positive("mc_samples", mc_samples, integer=True)
@@ -123,6 +130,10 @@ class VIOptimizer(torch.optim.Optimizer):
             check_positive("temperature_warmup[1]", temperature_warmup[1], integer=True)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        if learn_prior is not None and learn_prior not in PRIOR_GRANULARITIES:
+            raise ValueError(f"learn_prior must be 'module', 'scalar' or None, got {learn_prior!r}")
         posterior = model.posterior
         with posterior.atomic():  # the posterior takes the options only if all of them are valid
             self._configure(posterior, temperature, damping, prior_precision, dataset_size, augmentation_factor)
@@ -140,7 +151,7 @@ class VIOptimizer(torch.optim.Optimizer):
                     modules=[plan.name for plan in posterior.plans],
                     kfac_approx=kfac_approx,
                 )
-            if init_precision is not None:
+            if init_precision is not None and not posterior.initialized:
                 posterior.update_statistic(_isotropic(posterior, init_precision))
         params = posterior.parameters
         super().__init__(params, {"lr": lr, "betas": tuple(betas)})
@@ -148,7 +159,7 @@ class VIOptimizer(torch.optim.Optimizer):
         self.mc_samples, self.momentum_type = mc_samples, momentum
         self.curv_interval, self.inv_interval, self.accumulation_steps = curv_interval, inv_interval, accumulation_steps
         self.temperature_target, self.temperature_warmup = posterior.temperature, temperature_warmup
-        self.skip_nonfinite = skip_nonfinite
+        self.skip_nonfinite, self.learn_prior, self.kl_clip = skip_nonfinite, learn_prior, kl_clip
         self.grid = grid or ProcessGrid()
         self.generator = torch.Generator(device=params[0].device).manual_seed(seed)
         self.label_generator = torch.Generator(device=params[0].device).manual_seed(seed + 1 + self.grid.rank)
@@ -162,7 +173,9 @@ class VIOptimizer(torch.optim.Optimizer):
             posterior.temperature = temperature
         if damping is not None:
             posterior.damping = damping
-        if prior_precision is not None:
+        if isinstance(prior_precision, str) and prior_precision == "initialisation":
+            posterior.prior_precision = initialisation_prior(posterior)
+        elif prior_precision is not None:
             posterior.prior_precision = prior_precision
         if dataset_size is not None:
             posterior.dataset_size = dataset_size * augmentation_factor
@@ -267,13 +280,28 @@ class VIOptimizer(torch.optim.Optimizer):
             velocity = momentum / (1 - beta1 ** (self._step + 1))
         if not self.prior_in_momentum:
             velocity = velocity + prior
-        new = mean - group["lr"] * self._direction(velocity)
+        step = group["lr"] * self._direction(velocity)
+        if self.kl_clip is not None:  # α² vᵀ(S + λ)⁻¹v <= κ: the K-FAC trust region, in mean-loss units
+            quadratic = float(velocity @ step) * group["lr"]
+            if quadratic > self.kl_clip:
+                step = step * math.sqrt(self.kl_clip / quadratic)
+        new = mean - step
         check_candidate(new, "update of the mean")
         posterior.set_mean(new)
         self._momentum = momentum
+        if self.learn_prior is not None:
+            posterior.prior_precision = prior_precision_update(posterior, self.learn_prior)
 
     def _direction(self, velocity: Tensor) -> Tensor:
         return self.posterior.precondition(velocity)
+
+    def rescale(self, ratio: float) -> None:
+        """The loss was multiplied by ``ratio`` (e.g. a Gaussian likelihood's σ² by 1/ratio): the curvature
+        statistic and the momentum follow, exactly for Gauss-Newton and Fisher statistics."""
+        posterior = self.posterior
+        posterior.update_statistic(posterior.statistic * ratio, refresh=posterior.structure == "diag")
+        if self._momentum is not None:
+            self._momentum = self._momentum * ratio
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -329,6 +329,14 @@ class Posterior(Hyperparameters, ABC):
             out[self._slices[name]] = self._basis(name).diagonal(1 / (scale * damped[name]))
         return out
 
+    def covariance_traces(self) -> Tensor:
+        """tr Σ_m per block, shape (n_blocks,): Σ_k 1 / ((N/τ) e_k) over the damped eigenvalues (0 if deterministic)."""
+        damped, scale = self._damped(), self._scale()
+        traces = torch.zeros(len(self.plans), dtype=self.dtype, device=self._prior.device)
+        for index, name in self._random():
+            traces[index] = (1 / (scale * damped[name])).sum()
+        return traces
+
     def _dense(self, inverse: bool) -> Tensor:
         damped, scale = self._damped(), self._scale()
         out = torch.zeros(self.numel, self.numel, dtype=self.dtype, device=self._prior.device)

@@ -9,6 +9,8 @@ outputs, ``vmap`` over chunks of examples), and J Σ Jᵀ = Z Zᵀ with Z = Lᵀ
 Kronecker posteriors. Classification then
 averages softmax over draws of f (``linearized``) or uses the probit approximation
 softmax(f / sqrt(1 + π/8 · diag var)) (``probit``; sigmoid for binary).
+Heteroscedastic regression takes the Gaussian over all 2D outputs (μ, s): the epistemic
+variance is the μ block of diag(J Σ Jᵀ), the aleatoric E[e^s] = exp(s̄ + var_s / 2) (lognormal).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, jacrev, vmap
 
-from bayesso.likelihoods import Binary, Classification, Regression
+from bayesso.likelihoods import Binary, Classification, Heteroscedastic, Likelihood, Regression
 from bayesso.predict.kronecker_outputs import linear_kronecker_covariance
-from bayesso.predict.predictive import DrawAverage, Predictive, check_n_samples, working_precision
+from bayesso.predict.predictive import DrawAverage, Predictive, check_n_samples, check_predictable, working_precision
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
@@ -90,21 +92,20 @@ def linearized_predictive(
     generator: torch.Generator | None = None,
     keep_samples: bool = False,
 ) -> Predictive:
-    """GLM predictive: exact Gaussian for regression; MC over f ~ N(f(x; μ), J Σ Jᵀ) otherwise."""
+    """GLM predictive: exact moments for regression (and heteroscedastic); MC over f ~ N(f(x; μ), J Σ Jᵀ) otherwise.
+
+    ``keep_samples``: also ``n_samples`` draws of the outputs f, as ``samples``.
+    """
     check_n_samples(n_samples)
-    outputs, covariance = linearized_outputs(model, x)
     likelihood = model.likelihood
+    check_predictable(likelihood)
+    outputs, covariance = linearized_outputs(model, x)
     shape = (len(outputs),) if isinstance(likelihood, Binary) else tuple(outputs.shape)
     mean = outputs.reshape(len(outputs), -1)
-    if isinstance(likelihood, Regression) and not keep_samples:
-        variance = covariance.diagonal(dim1=1, dim2=2).reshape(shape)
-        sigma = likelihood.sigma_value
-        return Predictive(
-            mean=mean.reshape(shape),
-            aleatoric=torch.full(shape, sigma**2, dtype=mean.dtype, device=mean.device),
-            epistemic=variance,
-            output_covariance=covariance,
-        )
+    regression = isinstance(likelihood, (Regression, Heteroscedastic))
+    if regression and not keep_samples:
+        mean, aleatoric, epistemic = _exact_moments(likelihood, outputs, covariance)
+        return Predictive(mean=mean, aleatoric=aleatoric, epistemic=epistemic, output_covariance=covariance)
     values, vectors = torch.linalg.eigh(covariance)
     root = vectors * values.clamp_min(0).sqrt().unsqueeze(1)  # root rootᵀ = covariance
     eps = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
@@ -112,16 +113,28 @@ def linearized_predictive(
     average = DrawAverage(likelihood, keep_samples)
     average.add(draws.reshape(n_samples, *shape))
     predictive = average.result(covariance)
-    if isinstance(likelihood, Regression):  # the exact moments, not the sampled ones
-        predictive.mean = mean.reshape(shape)
-        predictive.epistemic = covariance.diagonal(dim1=1, dim2=2).reshape(shape)
+    if regression:  # the exact moments, not the sampled ones
+        predictive.mean, predictive.aleatoric, predictive.epistemic = _exact_moments(likelihood, outputs, covariance)
     return predictive
+
+
+def _exact_moments(likelihood: Likelihood, outputs: Tensor, covariance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, aleatoric, epistemic) of the Gaussian outputs N(outputs, covariance), shaped like the means."""
+    variance = covariance.diagonal(dim1=1, dim2=2).reshape(outputs.shape)
+    if isinstance(likelihood, Heteroscedastic):
+        mean, log_variance = likelihood.split(outputs)
+        epistemic, spread = likelihood.split(variance)  # the variances of μ and of s
+        return mean, torch.exp(log_variance + spread / 2), epistemic
+    return outputs, torch.full_like(outputs, likelihood.sigma_value**2), variance
 
 
 def probit_predictive(model: BayesianModel, x: Tensor) -> Predictive:
     """softmax(f / sqrt(1 + π/8 · var_k)) per class (sigmoid for binary), var = diag(J Σ Jᵀ)."""
-    if isinstance(model.likelihood, Regression):
-        raise ValueError("method='probit' is for classification and binary likelihoods; use 'linearized'")
+    if not isinstance(model.likelihood, (Classification, Binary)):
+        raise ValueError(
+            f"method='probit' is for classification and binary likelihoods, got {type(model.likelihood).__name__}; "
+            "use 'linearized'"
+        )
     outputs, covariance = linearized_outputs(model, x)
     mean, variance = outputs.reshape(len(outputs), -1), covariance.diagonal(dim1=1, dim2=2)
     scaled = mean / (1 + math.pi / 8 * variance).sqrt()
@@ -141,3 +154,5 @@ def _check_outputs(model: BayesianModel, outputs: Tensor) -> None:
         )
     if isinstance(likelihood, Binary) and (outputs.ndim > 2 or (outputs.ndim == 2 and outputs.shape[1] != 1)):
         raise ValueError(f"binary outputs must be (B,) or (B, 1), got {tuple(outputs.shape)}")
+    if isinstance(likelihood, Heteroscedastic):
+        likelihood.check_outputs(outputs)

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bayesso.batches import check_batch, check_loader, describe, located, split_batch
-from bayesso.likelihoods import Regression
+from bayesso.likelihoods import Heteroscedastic, Regression
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
@@ -210,8 +210,8 @@ def evaluate(
     """Predict every (x, y) batch of ``loader`` with ``model.predict`` and summarise.
 
     Classification and binary: ``classification_metrics`` (OOD metrics on the inputs of
-    ``ood_loader``). Regression: rmse and the Gaussian predictive nll per example
-    (summed over outputs, total variance σ² + epistemic).
+    ``ood_loader``). Regression and heteroscedastic: rmse of the mean and the Gaussian predictive
+    nll per example (summed over outputs, total variance aleatoric + epistemic).
     """
 
     likelihood = model.likelihood
@@ -228,10 +228,12 @@ def evaluate(
                 predictive = model.predict(x, n_samples=n_samples, method=method, generator=generator)
                 if y is not None:  # the targets against the predictive's outputs (probabilities or means)
                     outputs = predictive.mean if predictive.mean is not None else predictive.probs
+                    if isinstance(likelihood, Heteroscedastic):  # checked in the layout (μ, s) of its outputs
+                        outputs = torch.cat([outputs, predictive.aleatoric.log()], dim=-1)
                     likelihood.check(outputs, y, require_finite=False)
             yield predictive, y
 
-    if isinstance(likelihood, Regression):
+    if isinstance(likelihood, (Regression, Heteroscedastic)):
         squared = log_density = values = count = 0.0
         for predictive, y in predictions(loader, "test"):
             error = (y - predictive.mean).double()

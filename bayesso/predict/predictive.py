@@ -3,6 +3,8 @@
 Classification and binary predictives average probabilities over draws (never
 logits); regression gives the mean of the drawn outputs and splits the variance
 into the aleatoric part σ² and the epistemic part (variance of the mean over draws).
+Heteroscedastic regression splits each draw's outputs (B, 2D) into means μ and
+log-variances s: the mean and epistemic part are those of μ, the aleatoric part E[e^s].
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 from torch import Tensor
 
 from bayesso.distributed import ProcessGrid
-from bayesso.likelihoods import Binary, Classification, Likelihood
+from bayesso.likelihoods import Binary, Classification, Heteroscedastic, Likelihood, Regression
 
-__all__ = ["Predictive", "check_n_samples"]
+__all__ = ["Predictive", "check_n_samples", "check_predictable"]
 
 
 @dataclass
@@ -23,8 +25,9 @@ class Predictive:
     """A predictive distribution for a batch of B inputs.
 
     ``probs``: (B, C) class probabilities (classification) or (B,) P(y = 1) (binary).
-    ``mean``, ``aleatoric``, ``epistemic``: regression mean and variances, shaped like the outputs.
-    ``samples``: per-draw probabilities or outputs (S, B, ...) when kept.
+    ``mean``, ``aleatoric``, ``epistemic``: regression mean and variances, shaped like the outputs
+    (heteroscedastic: like the means, (B, D), with aleatoric E[e^s]).
+    ``samples``: per-draw probabilities or outputs (S, B, ...) when kept (heteroscedastic: (S, B, 2D)).
     ``output_covariance``: (B, O, O) covariance J Σ Jᵀ of the network outputs (linearized and probit).
     """
 
@@ -48,6 +51,15 @@ def check_n_samples(n_samples: int, argument: str = "n_samples") -> None:
         raise ValueError(f"{argument} must be a positive integer, got {n_samples!r}")
 
 
+def check_predictable(likelihood: Likelihood) -> None:
+    """Predictives know the built-in likelihoods (and their subclasses) only; a clear error for others."""
+    if not isinstance(likelihood, (Classification, Binary, Regression, Heteroscedastic)):
+        raise ValueError(
+            "predictives support the Classification, Binary, Regression and Heteroscedastic likelihoods (or "
+            f"subclasses), got {type(likelihood).__name__}"
+        )
+
+
 def working_precision(outputs: Tensor) -> Tensor:
     """Outputs in float32, or float64 when they are float64 (half precision is upcast)."""
     return outputs if outputs.dtype == torch.float64 else outputs.float()
@@ -60,6 +72,7 @@ class DrawAverage:
     """
 
     def __init__(self, likelihood: Likelihood, keep_samples: bool) -> None:
+        check_predictable(likelihood)
         self.likelihood, self.keep = likelihood, keep_samples
         self.count, self.dtype = 0, torch.float32
         self.total: Tensor | None = None
@@ -77,10 +90,13 @@ class DrawAverage:
         if isinstance(self.likelihood, Classification):
             values = torch.softmax(outputs, dim=-1)
         elif isinstance(self.likelihood, Binary):
-            values = torch.sigmoid(outputs.reshape(outputs.shape[0], -1).squeeze(-1))
+            values = torch.sigmoid(outputs.reshape(*outputs.shape[:2]))  # (S, B) even for B = 1
         else:
             values = outputs
         wide = values.double()
+        if isinstance(self.likelihood, Heteroscedastic):  # per draw: μ, then σ² = e^s
+            mean, log_variance = self.likelihood.split(wide)
+            wide = torch.cat([mean, log_variance.exp()], dim=-1)
         self.total = wide.sum(0) if self.total is None else self.total + wide.sum(0)
         if self.regression:
             squares = wide.square().sum(0)
@@ -102,14 +118,18 @@ class DrawAverage:
     def result(self, output_covariance: Tensor | None = None) -> Predictive:
         samples = torch.cat(self.kept) if self.keep else None
         mean64 = self.total / self.count
-        mean = mean64.to(self.dtype)
         if not self.regression:
-            return Predictive(probs=mean, samples=samples, output_covariance=output_covariance)
-        epistemic = (self.squares / self.count - mean64.square()).clamp_min(0).to(self.dtype)
+            return Predictive(probs=mean64.to(self.dtype), samples=samples, output_covariance=output_covariance)
+        epistemic = (self.squares / self.count - mean64.square()).clamp_min(0)
+        if isinstance(self.likelihood, Heteroscedastic):
+            mean64, aleatoric = mean64.chunk(2, dim=-1)
+            epistemic = epistemic[..., : mean64.shape[-1]]
+        else:
+            aleatoric = torch.full_like(mean64, self.likelihood.sigma_value**2)
         return Predictive(
-            mean=mean,
-            aleatoric=torch.full_like(mean, self.likelihood.sigma_value**2),
-            epistemic=epistemic,
+            mean=mean64.to(self.dtype),
+            aleatoric=aleatoric.to(self.dtype),
+            epistemic=epistemic.to(self.dtype),
             samples=samples,
             output_covariance=output_covariance,
         )

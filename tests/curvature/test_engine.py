@@ -68,7 +68,7 @@ def test_fisher_mc_is_empirical_fisher_of_sampled_labels(case, structure):
         torch.testing.assert_close(result.diagonal(), reference.diagonal(), **TOL)
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp_regression", "mlp_binary"])
+@pytest.mark.parametrize("name", ["mlp", "mlp_regression", "mlp_binary", "mlp_heteroscedastic"])
 def test_fisher_mc_averages_to_ggn(name):
     case = CASES_BY_NAME[name]
     model, x, y = case.data(batch_size=4)
@@ -105,9 +105,10 @@ def test_hessian_of_linear_gaussian_model_equals_ggn():
     torch.testing.assert_close(ggn, block[order][:, order], **TOL)
 
 
+@pytest.mark.parametrize("name", ["mlp", "mlp_heteroscedastic"])
 @pytest.mark.parametrize("kind", ["ggn", "fisher_emp"])
-def test_kron_equals_exact_block_for_one_example_through_linear_layers(kind):
-    case = CASES_BY_NAME["mlp"]
+def test_kron_equals_exact_block_for_one_example_through_linear_layers(kind, name):
+    case = CASES_BY_NAME[name]
     model, x, y = case.data(batch_size=1)
     kron = engine(model, case.likelihood, kind, "kron").compute(x, y).to_dense()
     exact = dense.block_diagonal(dense.reference(kind, model, case.likelihood, x, y), model, dense.module_blocks(model))

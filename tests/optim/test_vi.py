@@ -166,9 +166,9 @@ def test_lr_scheduler_drives_the_step_size():
 def test_gradient_accumulation_matches_one_full_batch_step():
     model_a, x, y = classifier()
     model_b = copy.deepcopy(model_a)
-    full = VOGN(model_a, lr=1e-2)
-    full.step(closure_for(model_a, full, x, y))  # the first step is at the mean: deterministic
-    micro = VOGN(model_b, lr=1e-2, accumulation_steps=2)
+    full = VOGN(model_a, lr=1e-2, init_precision=None)
+    full.step(closure_for(model_a, full, x, y))  # without h0 the first step is at the mean: deterministic
+    micro = VOGN(model_b, lr=1e-2, accumulation_steps=2, init_precision=None)
     micro.step(closure_for(model_b, micro, x[:16], y[:16]))
     assert not torch.equal(model_b.posterior.mean(), model_a.posterior.mean())  # no update after one micro-batch
     micro.step(closure_for(model_b, micro, x[16:], y[16:]))
@@ -271,3 +271,33 @@ def test_presets_check_the_posterior_and_the_closure():
     optimizer.param_groups[0]["lr"] = float("nan")
     with pytest.raises(ValueError, match="lr must be positive and finite, got nan"):
         optimizer.step(lambda: torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_rescale_multiplies_the_statistic_and_the_momentum(structure):
+    model, x, y = classifier(structure)
+    optimizer = VOGN(model, lr=1e-2)
+    optimizer.step(closure_for(model, optimizer, x, y))
+    statistic, momentum = model.posterior.statistic.to_dense(), optimizer._momentum.clone()
+    optimizer.rescale(0.25)
+    torch.testing.assert_close(model.posterior.statistic.to_dense(), 0.25 * statistic)
+    torch.testing.assert_close(optimizer._momentum, 0.25 * momentum)
+
+
+def test_kl_clip_bounds_the_step_in_the_posterior_metric():
+    model, x, y = classifier("diag")
+    optimizer = VOGN(model, lr=10.0, kl_clip=1e-3, init_precision=1e-4, betas=(0.0, 0.999))
+    before = model.posterior.mean()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 100.0 * nn.functional.cross_entropy(model.module(x), y)  # a large gradient
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    step = model.posterior.mean() - before
+    metric = model.posterior.precision_dense() / (model.posterior.dataset_size / model.posterior.temperature)
+    assert float(step @ metric @ step) == pytest.approx(1e-3, rel=1e-4)  # α² vᵀ(S + λ)⁻¹v = κ exactly
+    with pytest.raises(ValueError, match="kl_clip must be positive"):
+        VOGN(model, kl_clip=0.0)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bayesso import BayesianModel
+from bayesso.likelihoods import Heteroscedastic
 from bayesso.predict import mc_predictive
 from tests.cases import CASES, fitted_bayesian_model
 
@@ -36,6 +37,8 @@ def test_vectorised_and_looped_samples_equal_forwards_of_perturbed_modules(case,
     else:
         torch.testing.assert_close(predictive.samples, outputs)
     mean = predictive.samples.mean(0)
+    if isinstance(case.likelihood, Heteroscedastic):  # the samples are the outputs: means, then log-variances
+        mean = mean[:, : mean.shape[1] // 2]
     torch.testing.assert_close(predictive.probs if predictive.probs is not None else predictive.mean, mean)
 
 
@@ -97,3 +100,11 @@ def test_half_precision_models_predict_in_float32():
     predictive = model.predict(torch.randn(2, 3, dtype=torch.bfloat16), n_samples=3)
     assert predictive.probs.dtype == torch.float32
     torch.testing.assert_close(predictive.probs.sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("method", ["mc", "linearized"])
+def test_binary_predictive_of_one_example_keeps_its_batch_dimension(method):
+    torch.manual_seed(0)
+    model = BayesianModel(nn.Linear(3, 1), "binary", dataset_size=10)
+    probs = model.predict(torch.randn(1, 3), n_samples=4, method=method).probs
+    assert probs.shape == (1,) and 0 < float(probs[0]) < 1
