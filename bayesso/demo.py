@@ -194,8 +194,9 @@ def compare_with_adam(results: list[MethodResult]) -> list[str]:
     for r in results[1:]:
         better, worse = [], []
         for metric, title, sign in COMPARED:
-            ours, theirs = r.mean(metric), adam.mean(metric)
-            (better if sign * (ours - theirs) > 0 else worse).append(f"{title} {ours:.3g} vs {theirs:.3g}")
+            ours, theirs = f"{r.mean(metric):.3g}", f"{adam.mean(metric):.3g}"  # equal as printed: not better
+            wins = ours != theirs and sign * (r.mean(metric) - adam.mean(metric)) > 0
+            (better if wins else worse).append(f"{title} {ours} vs {theirs}")
         verdict = f"better than Adam in {', '.join(better)}" if better else "better than Adam in nothing measured"
         lines.append(f"{r.name}: {verdict}" + (f"; not better in {', '.join(worse)}" if worse else "") + ".")
     return lines

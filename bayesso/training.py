@@ -205,11 +205,14 @@ def fit(
 
 def divergence(losses: list[float]) -> str | None:
     """What is wrong when each of the last two epochs' losses gave back more than half of the gain from
-    the first epoch to the best one (None when they did not: one noisy epoch is not a divergence)."""
+    the first epoch to the best one (None when they did not: one noisy epoch is not a divergence).
+
+    ``fit`` passes the loss at the posterior mean on each epoch's first batch (eval mode): the
+    loss at sampled weights also rises when the posterior widens, which is no divergence."""
     first, best, last = losses[0], min(losses), losses[-1]
     if len(losses) > 2 and first > best and min(losses[-2:]) - best > 0.5 * (first - best):
-        return (f"epoch {len(losses)}: the training loss rose to {last:.4g} from its best {best:.4g} (epoch "
-                f"{losses.index(best) + 1}; first epoch {first:.4g}): the run is diverging")  # fmt: skip
+        return (f"epoch {len(losses)}: the training loss at the mean rose to {last:.4g} from its best {best:.4g} "
+                f"(epoch {losses.index(best) + 1}; first epoch {first:.4g}): the run is diverging")  # fmt: skip
     return None
 
 
@@ -221,7 +224,7 @@ class _Run:
         self.progress, self.files, self.every, self.grid, self.noise = progress, files, every, grid, noise
         self.generators = loader_generators(loader)
         self.epoch = self.batch = self.step = self.saved_step = 0
-        self.sums = [0.0, 0, 0.0]  # loss x examples, examples, correct
+        self.sums = [0.0, 0, 0.0, 0.0]  # loss x examples, examples, correct; loss at the mean on the first batch
         self.history: list[dict] = []
         self.resumed: dict | None = None
         self.schedule, self.warned = None, False
@@ -273,9 +276,10 @@ class _Run:
                     self._save()
             if self.batch == 0:
                 raise ValueError(f"fit, epoch {epoch + 1}: the loader yielded no batches")
-            self.history.append({"epoch": epoch + 1, **self._means(), **self._hyperparameters()})
+            record = {"epoch": epoch + 1, **self._means(), "loss_at_mean": self.sums[3]}
+            self.history.append({**record, **self._hyperparameters()})
             self._check_divergence()
-            self.epoch, self.batch, self.sums = epoch + 1, 0, [0.0, 0, 0.0]
+            self.epoch, self.batch, self.sums = epoch + 1, 0, [0.0, 0, 0.0, 0.0]
             if self.every == "epoch" or self.epoch == self.epochs:
                 self._save()
 
@@ -303,6 +307,11 @@ class _Run:
             x, y = split_batch(batch)
             check_batch(likelihood, x, y)
         checked, last = [], {}
+        if self.batch == 0:  # the divergence check's series: the loss at the mean, in eval mode, once per epoch
+            module.eval()
+            with torch.no_grad(), located(where):
+                self.sums[3] = float(likelihood.nll(forward(module, x), y)) / len(y)
+            module.train()
         if self.noise is not None and self.noise.variance is None:  # σ from the first batch, before any step
             buffers = [b.clone() for b in module.buffers()]  # batch norm's running statistics stay as they are
             with torch.no_grad():
@@ -343,7 +352,7 @@ class _Run:
             self.sums[2] += float((last["outputs"].argmax(-1) == y).sum())
 
     def _means(self) -> dict:
-        loss, count, correct = self.sums
+        loss, count, correct, _ = self.sums
         means = {"loss": loss / max(count, 1)}
         if isinstance(self.model.likelihood, Classification):
             means["accuracy"] = correct / max(count, 1)
@@ -374,7 +383,7 @@ class _Run:
 
     def _check_divergence(self) -> None:
         """Warn once per call of ``fit``, at the first epoch where ``divergence`` finds one."""
-        message = None if self.warned else divergence([record["loss"] for record in self.history])
+        message = None if self.warned else divergence([record["loss_at_mean"] for record in self.history])
         if message is not None:
             self.warned = True
             warnings.warn(f"fit ({self.method}), {message}. Lower lr (for K-FAC also inv_interval) or raise damping",

@@ -61,3 +61,12 @@ def test_comparison_with_adam_names_every_metric_on_the_right_side():
         "VOGN: better than Adam in accuracy 0.95 vs 0.9, ECE 0.02 vs 0.05; "
         "not better in NLL 0.4 vs 0.3, OOD AUROC 0.8 vs 0.8."
     )
+
+
+def test_a_tie_as_printed_is_not_better():
+    adam = MethodResult("Adam (MAP)", "adam", runs=[{"accuracy": 0.9, "nll": 0.3, "ece": 0.05, "auroc": 0.95101}])
+    other = MethodResult("Laplace", "laplace", runs=[{"accuracy": 0.9, "nll": 0.3, "ece": 0.05, "auroc": 0.95102}])
+    assert compare_with_adam([adam, other]) == [
+        "Laplace: better than Adam in nothing measured; not better in accuracy 0.9 vs 0.9, NLL 0.3 vs 0.3, "
+        "ECE 0.05 vs 0.05, OOD AUROC 0.951 vs 0.951."
+    ]

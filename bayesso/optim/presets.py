@@ -23,7 +23,7 @@ class _Preset(VIOptimizer):
     unbounded gradient in the log-variance made steps non-finite within 2 steps.
     ``BayesianModel.fit`` decays lr along a cosine over the run and, for regression, learns σ
     (``bayesso.training``); temperature and prior are the model's (τ = 1).
-    The defaults were chosen on ``benchmarks/suite.py`` (8 tasks, 300 to 12,000 examples).
+    The defaults were chosen on ``benchmarks/suite.py`` (8 tasks, 107 to 12,000 training examples).
     """
 
     preset: ClassVar[dict] = {}
