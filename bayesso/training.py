@@ -310,7 +310,10 @@ class _Run:
         if self.batch == 0:  # the divergence check's series: the loss at the mean, in eval mode, once per epoch
             module.eval()
             with torch.no_grad(), located(where):
-                self.sums[3] = float(likelihood.nll(forward(module, x), y)) / len(y)
+                outputs = forward(module, x)
+                likelihood.check(outputs, y, require_finite=False)  # the targets against the outputs, first
+                checked.append(True)
+                self.sums[3] = float(likelihood.nll(outputs, y)) / len(y)
             module.train()
         if self.noise is not None and self.noise.variance is None:  # σ from the first batch, before any step
             buffers = [b.clone() for b in module.buffers()]  # batch norm's running statistics stay as they are
