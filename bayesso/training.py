@@ -18,10 +18,11 @@ torch's do); ``set_epoch`` is called on samplers that have it.
 
 Every preset runs with ``fit``'s defaults: lr decays along a cosine over the run
 (``schedule="cosine"``; None keeps it), the Gaussian likelihood's σ is learned (``learn_noise``:
-σ² is the mean squared residual at the sampled weights, the ELBO's maximiser, set from the first
-batch and then an EMA, with the statistic and momentum rescaled by (σ_old/σ_new)²), each epoch's
-record reports the prior precision per block and σ, and a run whose loss gives back more than half
-of its gain two epochs running raises a ``DivergenceWarning`` (once per call).
+σ² is the mean squared residual at the sampled weights, the ELBO's maximiser, first from the
+residuals at the mean on the first batch and then an EMA, with the statistic and momentum
+rescaled by (σ_old/σ_new)²), each epoch's record reports the prior precision per block and σ, and
+a run whose loss at the mean gives back more than half of its gain two epochs running raises a
+``DivergenceWarning`` (once per call).
 
 Under a ``ProcessGrid`` every rank writes its own file (``name.rank{r}.suffix``); on
 resumption the ranks agree on the newest step that all of them hold, so a job that
@@ -185,8 +186,7 @@ def fit(
         if optimizer.engine is not None:  # fit sets the training mode itself: no advice to switch it
             optimizer.engine.warn_training_batchnorm = False
         noise = NoiseEstimate() if learn_noise else None
-        run = _Run(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid, noise)
-        run.schedule = schedule
+        run = _Run(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid, noise, schedule)
         if files is not None and resume:
             run.resume(files.latest())
         run.train()
@@ -219,7 +219,7 @@ def divergence(losses: list[float]) -> str | None:
 class _Run:
     """The training loop and its position: epoch, batches used in it, steps in total, running sums."""
 
-    def __init__(self, model, optimizer, loader, method, epochs, progress, files, every, grid, noise) -> None:
+    def __init__(self, model, optimizer, loader, method, epochs, progress, files, every, grid, noise, schedule) -> None:
         self.model, self.optimizer, self.loader, self.method, self.epochs = model, optimizer, loader, method, epochs
         self.progress, self.files, self.every, self.grid, self.noise = progress, files, every, grid, noise
         self.generators = loader_generators(loader)
@@ -227,7 +227,7 @@ class _Run:
         self.sums = [0.0, 0, 0.0, 0.0]  # loss x examples, examples, correct; loss at the mean on the first batch
         self.history: list[dict] = []
         self.resumed: dict | None = None
-        self.schedule, self.warned = None, False
+        self.schedule, self.warned = schedule, False
         per_epoch = len(loader) if hasattr(loader, "__len__") else None
         self.total_steps = None if per_epoch is None else epochs * per_epoch
 
@@ -313,15 +313,11 @@ class _Run:
                 outputs = forward(module, x)
                 likelihood.check(outputs, y, require_finite=False)  # the targets against the outputs, first
                 checked.append(True)
+                if self.noise is not None and self.noise.variance is None:  # σ from these residuals, before any step
+                    self.noise.add(float((y - outputs).double().square().sum()), y.numel())
+                    likelihood.sigma = self._learned_sigma()
                 self.sums[3] = float(likelihood.nll(outputs, y)) / len(y)
             module.train()
-        if self.noise is not None and self.noise.variance is None:  # σ from the first batch, before any step
-            buffers = [b.clone() for b in module.buffers()]  # batch norm's running statistics stay as they are
-            with torch.no_grad():
-                self.noise.add(float((y - forward(module, x)).double().square().sum()), y.numel())
-                for buffer, saved in zip(module.buffers(), buffers):
-                    buffer.copy_(saved)
-            likelihood.sigma = self._learned_sigma()
 
         def closure():
             optimizer.zero_grad()

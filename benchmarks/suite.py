@@ -42,6 +42,7 @@ from bayesso import BayesianModel
 from bayesso.data import make_loader
 from bayesso.ensemble import Ensemble, deep_ensemble, train_map
 from bayesso.predict.metrics import classification_metrics
+from bayesso.predict.predictive import Predictive
 from bayesso.predict.temperature import TemperatureScaling
 
 VI = {"vogn": "diag", "noisy_adam": "diag", "noisy_kfac": "kron", "ivon": "diag"}
@@ -135,9 +136,7 @@ def _logits(model: BayesianModel, x: Tensor) -> Tensor:
     return torch.stack([torch.zeros_like(out[:, 0]), out[:, 0]], 1) if out.shape[1] == 1 else out
 
 
-def _scaled(scaler: TemperatureScaling, model: BayesianModel, x: Tensor):
-    from bayesso.predict.predictive import Predictive
-
+def _scaled(scaler: TemperatureScaling, model: BayesianModel, x: Tensor) -> Predictive:
     with torch.no_grad():
         probs = scaler.probs(_logits(model, x))
     return Predictive(probs=probs[:, 1] if model.likelihood.name == "binary" else probs)

@@ -26,16 +26,22 @@ __all__ = ["PRIOR_GRANULARITIES", "NoiseEstimate", "initialisation_prior", "prio
 PRIOR_GRANULARITIES = ("module", "scalar")
 
 
+def _block_norms(posterior: Posterior) -> tuple[Tensor, Tensor]:
+    """(‖μ_m‖², P_m) per block, each (n_blocks,)."""
+    mean = posterior.mean()
+    squares = torch.stack([mean[where].square().sum() for where in posterior.block_slices()])
+    sizes = torch.tensor([float(plan.numel) for plan in posterior.plans], dtype=squares.dtype, device=squares.device)
+    return squares, sizes
+
+
 def prior_precision_update(posterior: Posterior, granularity: str) -> Tensor:
     """The δ (one per block) that maximises the ELBO for the current q; deterministic blocks keep theirs.
 
     ``granularity``: "module" (δ_m = P_m / (‖μ_m‖² + tr Σ_m)) or "scalar" (sums over the blocks).
     Raises ``FloatingPointError`` when the result is not positive and finite (nothing is written).
     """
-    mean = posterior.mean()
-    squares = torch.stack([mean[where].square().sum() for where in posterior.block_slices()])
+    squares, sizes = _block_norms(posterior)
     spread = squares + posterior.covariance_traces()
-    sizes = torch.tensor([float(plan.numel) for plan in posterior.plans], dtype=spread.dtype, device=spread.device)
     random = torch.tensor([p.name not in posterior.deterministic for p in posterior.plans], device=spread.device)
     if not bool(random.any()):
         return posterior.prior_precision.clone()
@@ -57,9 +63,7 @@ def initialisation_prior(posterior: Posterior) -> Tensor:
     per layer, the scale at which the network's signals neither explode nor vanish. A block whose
     weights are all zero takes the value pooled over the other blocks.
     """
-    mean = posterior.mean()
-    squares = torch.stack([mean[where].square().sum() for where in posterior.block_slices()])
-    sizes = torch.tensor([float(plan.numel) for plan in posterior.plans], dtype=squares.dtype, device=squares.device)
+    squares, sizes = _block_norms(posterior)
     if not bool((squares > 0).any()):
         raise ValueError("the prior cannot be set from the weights: every covered weight is zero")
     pooled = sizes[squares > 0].sum() / squares.sum()
@@ -104,6 +108,3 @@ class NoiseEstimate:
         variance = batch if self.variance is None else self.beta * self.variance + (1 - self.beta) * batch
         self.variance = max(variance, torch.finfo(torch.float64).tiny)
         return math.sqrt(self.variance)
-
-    def state_dict(self) -> dict:
-        return {"beta": self.beta, "variance": self.variance}
