@@ -7,6 +7,14 @@ likelihood's support (dtype, range, finiteness) and, once the model has produced
 outputs, of a shape that fits them (``Likelihood.check``: no silent broadcasting). Errors are ``ValueError``s
 that say where (``fit, epoch 2, batch 5``), what was received and what is expected.
 
+Devices and dtypes: every entry point takes its batches through ``checked_batch`` or
+``checked_inputs``, which move ``x`` and ``y`` to the device of the module's first parameter
+(``non_blocking``, so that copies from pinned memory overlap with compute; not from an
+accelerator into the CPU, where that would be unsafe) and cast floating-point ``x`` and ``y`` to the
+dtype of the module's floating parameters, as Lightning's precision plugins do (a torch module
+does not cast: float64 inputs to a float32 ``nn.Linear`` fail). Integer and boolean tensors (class
+targets, token ids) keep their dtype; complex inputs to a real module are a ValueError.
+
 Batches of another layout (dicts, 3-tuples, bare tensors) are adapted by giving the
 ``DataLoader`` a ``collate_fn`` that returns ``(x, y)``, which keeps the loader (and with it
 its sampler and generator) intact.
@@ -21,15 +29,20 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.likelihoods import Likelihood
+from bayesso.placement import module_placement
 
 __all__ = [
     "check_batch",
     "check_inputs",
     "check_loader",
+    "checked_batch",
+    "checked_inputs",
     "describe",
     "forward",
     "located",
+    "on_module",
     "split_batch",
+    "transfer",
 ]
 
 ADAPT = (
@@ -99,6 +112,49 @@ def check_batch(likelihood: Likelihood, x: Tensor, y) -> None:
     likelihood.check_targets(y)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"batch size mismatch: x has {x.shape[0]} examples and y has {y.shape[0]}")
+
+
+def transfer(tensor: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """``tensor`` on ``device``, floating-point tensors in ``dtype`` (None: kept); itself if already there.
+
+    Non-blocking, except from an accelerator into the CPU, where the copy must finish before it is read.
+    """
+    non_blocking = device.type != "cpu" or tensor.device.type == "cpu"
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(device, dtype, non_blocking=non_blocking)
+    return tensor.to(device, non_blocking=non_blocking)
+
+
+def on_module(module: nn.Module, value, name: str):
+    """``value`` moved to the module's device, cast to its floating dtype if floating (see above).
+
+    Anything but a tensor is returned as it is, for the checks to describe it; a complex tensor
+    for a module with real parameters is a ValueError naming ``name`` and both dtypes.
+    """
+    if not isinstance(value, Tensor):
+        return value
+    device, dtype = module_placement(module)
+    if value.is_complex() and dtype is not None:
+        raise ValueError(
+            f"{name} is a {value.dtype} tensor and the module computes in {dtype}: pass real inputs (floating "
+            "point ones are cast to the module's dtype, integer ones such as token ids are kept)"
+        )
+    return value if device is None else transfer(value, device, dtype)
+
+
+def checked_batch(module: nn.Module, likelihood: Likelihood, batch) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` of ``batch`` on the module's device and in its dtype, checked by ``check_batch``."""
+    x, y = split_batch(batch)
+    x, y = on_module(module, x, "x"), on_module(module, y, "y")
+    check_batch(likelihood, x, y)
+    return x, y
+
+
+def checked_inputs(module: nn.Module, x) -> Tensor:
+    """``x`` on the module's device and in its dtype, checked by ``check_inputs``."""
+    x = on_module(module, x, "x")
+    check_inputs(x)
+    return x
 
 
 def forward(module: nn.Module, x: Tensor):

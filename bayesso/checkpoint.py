@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["CheckpointError", "read_checkpoint", "write_checkpoint"]
+from bayesso.distributed import ProcessGrid
+
+__all__ = ["CheckpointError", "CheckpointFiles", "read_checkpoint", "write_checkpoint"]
 
 FORMAT, VERSION = "bayesso", 1
 
@@ -114,3 +117,52 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+class CheckpointFiles:
+    """This rank's checkpoint file and the previous one; agreement across ranks on where to resume."""
+
+    def __init__(self, path: str | Path, grid: ProcessGrid) -> None:
+        path = Path(path)
+        if grid.active:
+            path = path.with_name(f"{path.stem}.rank{grid.rank}{path.suffix}")
+        if path.is_dir():
+            raise ValueError(f"checkpoint must be a file path, got the folder {path}")
+        if not path.parent.is_dir():
+            raise ValueError(f"checkpoint {path}: the folder {path.parent} does not exist")
+        self.path, self.previous, self.grid = path, path.with_name(path.name + ".previous"), grid
+
+    def write(self, content: dict) -> None:
+        if self.path.exists():
+            os.replace(self.path, self.previous)
+        write_checkpoint(self.path, "fit", content)
+
+    def latest(self) -> dict | None:
+        """The newest checkpoint every rank holds (None when no rank has one)."""
+        grid = self.grid
+        with grid.lockstep("checkpoint reading"):
+            found, problems = {}, []
+            for path in (self.path, self.previous):
+                if path.exists():
+                    try:
+                        content = read_checkpoint(path, "fit")
+                        found[content["progress"]["step"]] = content
+                    except (CheckpointError, KeyError, TypeError) as error:
+                        problems.append(str(error))
+            if problems and not found:
+                raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(problems)}")
+            for problem in problems:
+                warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=3)
+        steps = torch.zeros(grid.world_size, 2, dtype=torch.float64)  # per rank: the steps it holds, plus one
+        steps[grid.rank, : len(found)] = torch.tensor(sorted(found), dtype=torch.float64) + 1
+        steps = grid.all_reduce([steps])[0]
+        held = [{round(s) - 1 for s in row if s > 0} for row in steps.tolist()]
+        if not any(held):
+            return None
+        common = set.intersection(*held)
+        if not common:
+            raise CheckpointError(
+                f"the ranks hold checkpoints of different steps ({[sorted(h) for h in held]}), none common to all; "
+                "resume=False starts afresh"
+            )
+        return found[max(common)]

@@ -46,7 +46,8 @@ def load_digits(
     standardised with the training split's mean and standard deviation. With
     ``in_classes`` (e.g. range(5)) only those classes are used for training and
     testing (relabelled 0..k-1 in sorted order) and the others form ``x_ood``.
-    The split is stratified by class and fixed by ``seed``.
+    The split is stratified by class, and every split (train, test, OOD) is shuffled, so any
+    slice of it mixes the classes; both are fixed by ``seed`` (docs/conventions.md §6).
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -71,6 +72,9 @@ def load_digits(
         train_idx.append(idx[n_test:])
     train_idx, test_idx = torch.cat(train_idx), torch.cat(test_idx)
     train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)]
+    test_idx = test_idx[torch.randperm(len(test_idx), generator=gen)]  # else ordered by class
+    ood_idx = torch.nonzero(~inside).squeeze(1)
+    ood_idx = ood_idx[torch.randperm(len(ood_idx), generator=gen)]
     relabel = torch.full((10,), -1, dtype=torch.long)
     relabel[torch.tensor(classes)] = torch.arange(len(classes))
     mean, std = images[train_idx].mean(), images[train_idx].std()
@@ -83,7 +87,7 @@ def load_digits(
         prepare(images[train_idx]), relabel[labels[train_idx]], prepare(images[test_idx]), relabel[labels[test_idx]]
     )
     if in_classes is not None:
-        split.x_ood, split.y_ood = prepare(images[~inside]), labels[~inside]
+        split.x_ood, split.y_ood = prepare(images[ood_idx]), labels[ood_idx]
     return split
 
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bayesso.data import Split, load_digits, make_loader
 from bayesso.model import BayesianModel
 from bayesso.predict.metrics import classification_metrics
 from bayesso.predict.temperature import TemperatureScaling
+from bayesso.progress import progress_bar, track
 
 __all__ = ["DemoConfig", "MethodResult", "Study", "compare_with_adam", "format_table", "run_demo", "small_cnn"]
 
@@ -99,13 +99,14 @@ def _train_adam(module: nn.Module, loader, config: DemoConfig, progress: bool) -
     optimizer = torch.optim.Adam(module.parameters(), lr=config.adam_lr)
     module.train()
     for epoch in range(config.epochs):
-        bar = tqdm(loader, desc=f"adam {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(module(x), y)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        with progress_bar(len(loader), f"adam {epoch + 1}/{config.epochs}", progress) as bar:
+            for x, y in loader:
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(module(x), y)
+                loss.backward()
+                optimizer.step()
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                bar.update()
     module.eval()
 
 
@@ -124,7 +125,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> Study:
     """Train and score every method of ``METHODS`` for each seed."""
     methods = {key: MethodResult(name, key) for name, key in METHODS}
     targets = None
-    for seed in tqdm(range(config.seeds), desc="seeds", disable=not progress or config.seeds == 1, leave=False):
+    for seed in track(range(config.seeds), "seeds", progress and config.seeds > 1):
         data = load_digits(test_fraction=config.test_fraction, in_classes=IN_CLASSES, seed=seed)
         data, x_val, y_val = split_validation(data, config.validation_fraction, seed)
         targets = data.y_test if targets is None else targets
@@ -162,11 +163,11 @@ def _one_seed(config: DemoConfig, seed: int, data: Split, x_val: Tensor, y_val: 
 
     start = time.perf_counter()
     laplace = BayesianModel(net, "classification", posterior="kron")
-    laplace.fit_laplace(loader, modules="last_layer", progress=False)
+    laplace.fit_laplace(loader, modules="last_layer", progress=progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tuned = laplace.optimize_prior_precision("grid", val_loader=[(x_val, y_val)], predictive="mc",
-                                                 grid=torch.logspace(-2, 4, 13))  # fmt: skip
+        tuned = laplace.optimize_prior_precision("grid", val_loader=[(x_val, y_val)], predictive="probit",
+                                                 grid=torch.logspace(-2, 4, 13), progress=progress)  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     probs = laplace.predict(data.x_test, n_samples=config.samples, generator=generator).probs
     ood_probs = laplace.predict(data.x_ood, n_samples=config.samples, generator=generator).probs

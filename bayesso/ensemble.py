@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from bayesso.batches import check_batch, check_inputs, check_loader, forward, located, split_batch
+from bayesso.batches import check_loader, checked_batch, checked_inputs, forward, located, on_module, split_batch
 from bayesso.likelihoods import Likelihood, Regression
 from bayesso.model import PREDICTIVES, BayesianModel
 from bayesso.posteriors import Posterior
 from bayesso.predict.predictive import DrawAverage, Predictive, check_n_samples
+from bayesso.progress import check_progress, known_length, progress_bar, track
 from bayesso.training import ModelState
 
 __all__ = ["ENSEMBLE_PREDICTIVES", "Ensemble", "deep_ensemble", "map_predictive", "mixture", "train_map"]
@@ -80,7 +80,7 @@ class Ensemble:
         self,
         x: Tensor,
         n_samples: int = 32,
-        method: str = "mc",
+        method: str | None = None,
         generator: torch.Generator | None = None,
         keep_samples: bool = False,
         chunk_size: int | None = None,
@@ -88,12 +88,13 @@ class Ensemble:
     ) -> Predictive:
         """The mixture's predictive at a batch ``x`` (see ``mixture``), members in order.
 
-        ``method``: "mc", "linearized" or "probit" (each member's ``BayesianModel.predict``, with
+        ``method``: None (each member's default), "mc", "linearized" or "probit" (each member's
+        ``BayesianModel.predict``, with
         ``n_samples`` draws PER MEMBER, k · ``n_samples`` in all, from the one ``generator``), or
         "map": each member at its mean weights, no sampling (``map_predictive``). With
         ``keep_samples`` the members' draws are concatenated, (k · S, B, ...).
         """
-        if method not in ENSEMBLE_PREDICTIVES:
+        if method is not None and method not in ENSEMBLE_PREDICTIVES:
             raise ValueError(f"method must be one of {', '.join(map(repr, ENSEMBLE_PREDICTIVES))}; got {method!r}")
         check_n_samples(n_samples)
         if method == "map":
@@ -130,9 +131,9 @@ class Ensemble:
             for member, loader in self._with_loaders(loaders, progress, "Laplace")
         ]
 
-    def optimize_prior_precision(self, progress: bool = False, **options) -> list[dict]:
+    def optimize_prior_precision(self, progress: bool = True, **options) -> list[dict]:
         """``BayesianModel.optimize_prior_precision(**options)`` for each member, after ``fit_laplace``."""
-        members = tqdm(self.members, desc="prior precision", disable=not progress, leave=False)
+        members = track(self.members, "prior precision, members", progress)
         return [member.optimize_prior_precision(progress=progress, **options) for member in members]
 
     def _with_loaders(self, loaders, progress: bool, what: str) -> Iterable[tuple[BayesianModel, Iterable]]:
@@ -142,7 +143,7 @@ class Ensemble:
                 raise ValueError(f"loaders must be one loader or one per member ({k}), got {len(loaders)} loaders")
         else:
             loaders = [loaders] * k
-        return tqdm(zip(self.members, loaders), desc=f"{what}, members", total=k, disable=not progress, leave=False)
+        return track(zip(self.members, loaders), f"{what}, members", progress, total=k)
 
     def __repr__(self) -> str:
         return f"Ensemble(k={len(self.members)}, {self.likelihood!r})"
@@ -154,13 +155,15 @@ def mixture(predictives: Sequence[Predictive]) -> Predictive:
     Classification and binary: probs = mean of the members' probs. Regression (law of total
     variance): mean = mean of the member means, aleatoric = mean of the member aleatoric
     variances, epistemic = mean of the member epistemic variances + the variance (over members,
-    divided by k) of the member means. Kept samples are concatenated along the draws.
+    divided by k) of the member means. Kept samples are concatenated along the draws. Members on other
+    devices are gathered on the first member's device.
     """
+    first = predictives[0].probs if predictives[0].probs is not None else predictives[0].mean
     kept = [p.samples for p in predictives]
-    samples = torch.cat(kept) if all(s is not None for s in kept) else None
+    samples = torch.cat([s.to(first.device) for s in kept]) if all(s is not None for s in kept) else None
 
     def stacked(name: str) -> Tensor:
-        return torch.stack([getattr(p, name).double() for p in predictives])
+        return torch.stack([getattr(p, name).double().to(first.device) for p in predictives])
 
     if predictives[0].probs is not None:
         return Predictive(probs=stacked("probs").mean(0).to(predictives[0].probs.dtype), samples=samples)
@@ -183,8 +186,8 @@ def map_predictive(model: BayesianModel, x: Tensor, keep_samples: bool = False) 
     sigmoid (B,) for binary, regression mean f with aleatoric σ² from the likelihood and
     epistemic exactly 0. (The "linearized" predictive's mean would add J Σ Jᵀ and need Jacobians.)
     """
-    check_inputs(x)
     module = model.module
+    x = checked_inputs(module, x)  # on the module's device, in its dtype
     was_training = module.training
     module.eval()
     try:
@@ -219,6 +222,7 @@ def train_map(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    check_progress(progress)
     model = BayesianModel(module, copy.copy(likelihood), **model_options)
     likelihood, regression = model.likelihood, isinstance(model.likelihood, Regression)
     check_loader(loader, passes=epochs + regression)
@@ -227,19 +231,20 @@ def train_map(
     try:
         module.train()
         for epoch in range(epochs):
-            bar, index = tqdm(loader, desc=f"adam {epoch + 1}/{epochs}", disable=not progress, leave=False), -1
-            for index, batch in enumerate(bar):
+            bar, index = progress_bar(known_length(loader), f"adam {epoch + 1}/{epochs}", progress), -1
+            for index, batch in enumerate(loader):
                 with located(f"train_map, epoch {epoch + 1}, batch {index + 1}"):
-                    x, y = split_batch(batch)
-                    check_batch(likelihood, x, y)
+                    x, y = checked_batch(module, likelihood, batch)  # on the module's device, in its dtype
                     optimizer.zero_grad()
                     outputs = forward(module, x)
                     likelihood.check(outputs, y)
                     loss = likelihood.nll(outputs, y) / len(y)
                 loss.backward()
                 optimizer.step()
-                if progress:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                if not bar.disable:  # .item() waits for an accelerator: only for a bar that is shown
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                bar.update()
+            bar.close()
             if index < 0:
                 raise ValueError(f"train_map, epoch {epoch + 1}: the loader yielded no batches")
         module.eval()
@@ -257,7 +262,7 @@ def rms_residual(module: nn.Module, loader: Iterable) -> float:
     """sqrt(Σ (y - f(x))² / number of targets) over ``loader``'s (x, y) batches, in the module's current mode."""
     squared, count = 0.0, 0
     for batch in loader:
-        x, y = split_batch(batch)
+        x, y = (on_module(module, value, name) for value, name in zip(split_batch(batch), "xy"))
         squared += float((y - module(x)).double().square().sum())
         count += y.numel()
     sigma = math.sqrt(squared / count)
@@ -287,7 +292,7 @@ def deep_ensemble(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     members = []
-    for m in tqdm(range(k), desc="deep ensemble", disable=not progress, leave=False):
+    for m in track(range(k), "deep ensemble", progress):
         torch.manual_seed(seed + m)
         members.append(train_map(build(), loader, likelihood, epochs, lr, weight_decay, progress, **model_options))
     return Ensemble(members)

@@ -1,6 +1,6 @@
 """Post-hoc Laplace: a Gaussian posterior at the MAP from the curvature engine, and the marginal likelihood.
 
-Precision = Σ_i curvature_i(θ*) + δ I (ALGORITHMS.md section 4): the posterior's
+Precision = Σ_i curvature_i(θ*) + δ I (docs/laplace.md §1): the posterior's
 statistic is the summed curvature over the data divided by N, with temperature τ
 (1 by default) and no external damping, so (N/τ)(S + τδ/N) = Σ curvature / τ + δ.
 Kronecker blocks use exact damping, G ⊗ A + δ I through the factors' eigenbases.
@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from bayesso.batches import check_batch, check_loader, located, split_batch
+from bayesso.batches import check_loader, checked_batch, located
 from bayesso.curvature import CurvatureEngine
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Binary, Classification, Regression
 from bayesso.posteriors import POSTERIORS, Posterior
+from bayesso.progress import check_progress, progress_bar, track
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
@@ -118,11 +118,11 @@ def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kin
     try:
         with grid.lockstep("Laplace pass") as shared:  # a failure on any rank raises on every rank
             check_loader(loader)
-            batches = tqdm(loader, desc=f"Laplace ({kind}, {engine.structure})", disable=not progress, leave=False)
+            check_progress(progress)
+            batches = track(loader, f"Laplace ({kind}, {engine.structure})", progress and grid.rank == 0)
             for index, batch in enumerate(batches):
                 with located(f"fit_laplace, batch {index + 1}"):
-                    x, y = split_batch(batch)
-                    check_batch(likelihood, x, y)
+                    x, y = checked_batch(module, likelihood, batch)  # on the module's device, in its dtype
                     curvature = engine.compute(x, y, generator=generator)
                 with torch.no_grad():
                     outputs = module(x)
@@ -200,7 +200,7 @@ def optimize_prior_precision(
     predictive: str | None = None,
     n_samples: int = 32,
     max_iter: int = 100,
-    progress: bool = False,
+    progress: bool = True,
 ) -> dict[str, object]:
     """Tune δ (and, for regression with ``optimize_sigma``, σ) and install them on the model.
 
@@ -208,7 +208,9 @@ def optimize_prior_precision(
     block with ``granularity="module"``) and log σ by L-BFGS. ``method="grid"``: the δ in ``grid``
     (default 10^-3 ... 10^3) with the lowest NLL of the ``predictive`` (default "probit", or
     "linearized" for regression) on ``val_loader``. Returns the chosen values and the objective.
+    ``progress``: a bar over the grid, or over the evidence evaluations (``bayesso.progress``).
     """
+    check_progress(progress)
     if method not in ("marglik", "grid"):
         raise ValueError(f"method must be 'marglik' or 'grid', got {method!r}")
     if granularity not in ("scalar", "module"):
@@ -228,14 +230,16 @@ def optimize_prior_precision(
             raise ValueError("method='grid' scores each prior precision on held-out data: pass val_loader")
         return _grid_search(model, val_loader, grid, predictive or ("linearized" if regression else "probit"),
                             n_samples, progress)  # fmt: skip
-    return _maximise_evidence(model, granularity, optimize_sigma, max_iter)
+    return _maximise_evidence(model, granularity, optimize_sigma, max_iter, progress)
 
 
-def _maximise_evidence(model: BayesianModel, granularity: str, optimize_sigma: bool, max_iter: int) -> dict:
+def _maximise_evidence(
+    model: BayesianModel, granularity: str, optimize_sigma: bool, max_iter: int, progress: bool
+) -> dict:
     posterior, fit = model.posterior, model.laplace_fit
     logs = posterior.prior_precision.double().log()
     log_delta = (logs.mean().reshape(1) if granularity == "scalar" else logs.clone()).requires_grad_(True)
-    log_sigma = torch.tensor(math.log(fit.sigma), dtype=torch.float64, requires_grad=True)
+    log_sigma = torch.tensor(math.log(fit.sigma), dtype=torch.float64, device=logs.device, requires_grad=True)
     variables = [log_delta, log_sigma] if optimize_sigma else [log_delta]
     optimizer = torch.optim.LBFGS(variables, lr=1, max_iter=max_iter, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-10, tolerance_change=1e-14)  # fmt: skip
@@ -245,9 +249,11 @@ def _maximise_evidence(model: BayesianModel, granularity: str, optimize_sigma: b
         sigma = log_sigma.exp() if optimize_sigma else None
         loss = -log_marginal_likelihood(model, log_delta.exp(), sigma) / fit.n_examples
         loss.backward()
+        bar.update()
         return loss
 
-    optimizer.step(closure)
+    with progress_bar(None, "prior precision, evidence evaluations", progress) as bar:
+        optimizer.step(closure)
     delta, sigma = log_delta.detach().exp(), float(log_sigma.detach().exp())
     if not bool(torch.isfinite(delta).all()) or not math.isfinite(sigma):
         raise FloatingPointError("the evidence maximisation diverged; the prior precision was left unchanged")
@@ -272,21 +278,26 @@ def set_noise(model: BayesianModel, sigma: float) -> None:
 
 def _grid_search(model: BayesianModel, val_loader, grid, predictive: str, n_samples: int, progress: bool) -> dict:
     from bayesso.predict.metrics import evaluate
+    from bayesso.predict.temperature import warn_if_single_class
 
     values = [float(v) for v in (torch.logspace(-3, 3, 25) if grid is None else grid)]
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise ValueError(f"grid must hold positive finite prior precisions, got {values}")
+    check_loader(val_loader, passes=len(values), what="val_loader")
     posterior = model.posterior
     original = posterior.prior_precision.clone()
-    scores = []
+    scores, labels = [], []
     try:
-        for value in tqdm(values, desc="prior precision grid", disable=not progress, leave=False):
+        for value in track(values, "prior precision grid", progress):
             posterior.prior_precision = value
             generator = torch.Generator().manual_seed(0)
-            scores.append(evaluate(model, val_loader, predictive, n_samples, generator=generator)["nll"])
+            batches = val_loader if scores else _noting_labels(val_loader, labels)  # the first pass notes the labels
+            scores.append(evaluate(model, batches, predictive, n_samples, generator=generator, progress=False)["nll"])
     except BaseException:
         posterior.prior_precision = original
         raise
+    if isinstance(model.likelihood, (Classification, Binary)):
+        warn_if_single_class(torch.cat(labels), "optimize_prior_precision(method='grid')", stacklevel=4)
     best = min(range(len(values)), key=scores.__getitem__)
     if len(values) > 1 and values[best] in (min(values), max(values)):
         edge = "largest" if values[best] == max(values) else "smallest"
@@ -300,3 +311,11 @@ def _grid_search(model: BayesianModel, val_loader, grid, predictive: str, n_samp
     posterior.prior_precision = values[best]
     return {"prior_precision": posterior.prior_precision.clone(), "val_nll": scores[best],
             "grid": values, "scores": scores}  # fmt: skip
+
+
+def _noting_labels(loader: Iterable, labels: list[Tensor]):
+    """The batches of ``loader``, unchanged, appending the labels of (x, y) batches to ``labels``."""
+    for batch in loader:
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor):
+            labels.append(batch[1].detach().reshape(-1))
+        yield batch

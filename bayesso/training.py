@@ -32,27 +32,29 @@ resumption the ranks agree on the newest step that all of them hold, so a job th
 from __future__ import annotations
 
 import copy
+import logging
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
-from bayesso.batches import check_batch, check_loader, forward, located, split_batch
-from bayesso.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from bayesso.batches import check_loader, checked_batch, forward, located
+from bayesso.checkpoint import CheckpointFiles
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Classification, Regression
 from bayesso.optim.empirical_bayes import NoiseEstimate
+from bayesso.progress import check_progress, progress_bar
 from bayesso.random_state import capture_random_state, loader_generators, restore_random_state
 from bayesso.saved_state import check_entries
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
 
-__all__ = ["CheckpointFiles", "DivergenceWarning", "ModelState", "divergence", "fit"]
+__all__ = ["DivergenceWarning", "ModelState", "divergence", "fit"]
+
+logger = logging.getLogger(__name__)
 
 
 class DivergenceWarning(UserWarning):
@@ -84,55 +86,6 @@ class ModelState:
             model.likelihood.sigma = self.sigma
 
 
-class CheckpointFiles:
-    """This rank's checkpoint file and the previous one; agreement across ranks on where to resume."""
-
-    def __init__(self, path: str | Path, grid: ProcessGrid) -> None:
-        path = Path(path)
-        if grid.active:
-            path = path.with_name(f"{path.stem}.rank{grid.rank}{path.suffix}")
-        if path.is_dir():
-            raise ValueError(f"checkpoint must be a file path, got the folder {path}")
-        if not path.parent.is_dir():
-            raise ValueError(f"checkpoint {path}: the folder {path.parent} does not exist")
-        self.path, self.previous, self.grid = path, path.with_name(path.name + ".previous"), grid
-
-    def write(self, content: dict) -> None:
-        if self.path.exists():
-            os.replace(self.path, self.previous)
-        write_checkpoint(self.path, "fit", content)
-
-    def latest(self) -> dict | None:
-        """The newest checkpoint every rank holds (None when no rank has one)."""
-        grid = self.grid
-        with grid.lockstep("checkpoint reading"):
-            found, problems = {}, []
-            for path in (self.path, self.previous):
-                if path.exists():
-                    try:
-                        content = read_checkpoint(path, "fit")
-                        found[content["progress"]["step"]] = content
-                    except (CheckpointError, KeyError, TypeError) as error:
-                        problems.append(str(error))
-            if problems and not found:
-                raise CheckpointError(f"no usable checkpoint to resume from: {'; '.join(problems)}")
-            for problem in problems:
-                warnings.warn(f"skipping a damaged checkpoint: {problem}", stacklevel=3)
-        steps = torch.zeros(grid.world_size, 2, dtype=torch.float64)  # per rank: the steps it holds, plus one
-        steps[grid.rank, : len(found)] = torch.tensor(sorted(found), dtype=torch.float64) + 1
-        steps = grid.all_reduce([steps])[0]
-        held = [{round(s) - 1 for s in row if s > 0} for row in steps.tolist()]
-        if not any(held):
-            return None
-        common = set.intersection(*held)
-        if not common:
-            raise CheckpointError(
-                f"the ranks hold checkpoints of different steps ({[sorted(h) for h in held]}), none common to all; "
-                "resume=False starts afresh"
-            )
-        return found[max(common)]
-
-
 def fit(
     model: BayesianModel,
     loader,
@@ -158,6 +111,7 @@ def fit(
             raise ValueError(f"method must be one of {sorted(PRESETS)}, got {method!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        check_progress(progress)
         if checkpoint_every != "epoch" and (
             isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
         ):
@@ -267,17 +221,22 @@ class _Run:
                 sampler.set_epoch(epoch)
             batches = self._batches()
             total = len(self.loader) if hasattr(self.loader, "__len__") else None
-            bar = tqdm(batches, desc=f"{self.method} {epoch + 1}/{self.epochs}", total=total, initial=self.batch,
-                       disable=not self.progress, leave=False)  # fmt: skip
-            for batch in bar:
+            shown = self.progress and self.grid.rank == 0  # under a grid, rank 0 alone shows progress
+            bar = progress_bar(total, f"{self.method} {epoch + 1}/{self.epochs}", shown, initial=self.batch)
+            for batch in batches:
                 self._train_on(batch, f"fit, epoch {epoch + 1}, batch {self.batch + 1}")
-                bar.set_postfix(self._postfix())
+                bar.set_postfix(self._postfix(), refresh=False)
+                bar.update()
                 if not isinstance(self.every, str) and self.step - self.saved_step >= self.every:
                     self._save()
             if self.batch == 0:
                 raise ValueError(f"fit, epoch {epoch + 1}: the loader yielded no batches")
             record = {"epoch": epoch + 1, **self._means(), "loss_at_mean": self.sums[3]}
             self.history.append({**record, **self._hyperparameters()})
+            bar.close()
+            if shown:
+                summary = ", ".join(f"{key} {value}" for key, value in self._postfix().items())
+                logger.info("fit %s, epoch %d/%d: %s", self.method, epoch + 1, self.epochs, summary)
             self._check_divergence()
             self.epoch, self.batch, self.sums = epoch + 1, 0, [0.0, 0, 0.0, 0.0]
             if self.every == "epoch" or self.epoch == self.epochs:
@@ -304,8 +263,7 @@ class _Run:
         model, optimizer = self.model, self.optimizer
         likelihood, module = model.likelihood, model.module
         with located(where):
-            x, y = split_batch(batch)
-            check_batch(likelihood, x, y)
+            x, y = checked_batch(module, likelihood, batch)  # on the module's device, in its dtype
         checked, last = [], {}
         if self.batch == 0:  # the divergence check's series: the loss at the mean, in eval mode, once per epoch
             module.eval()

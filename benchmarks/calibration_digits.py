@@ -30,6 +30,7 @@ from models import cnn, mlp
 from bayesso import BayesianModel
 from bayesso.data import load_digits, make_loader
 from bayesso.predict.metrics import accuracy, auroc, brier, ece, nll
+from bayesso.progress import track
 
 METHODS = {  # method: (posterior, options for BayesianModel.fit beyond the preset defaults)
     "adam": (None, {}),
@@ -56,7 +57,7 @@ def train_and_predict(method: str, model_name: str, data, seed: int, args):
     loader = make_loader(data.x_train, data.y_train, batch_size=64, seed=seed)
     if method == "adam":
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-        for _ in range(args.epochs):
+        for _ in track(range(args.epochs), "adam epochs", not args.quiet):
             for x, y in loader:
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(module(x), y).backward()
@@ -71,7 +72,7 @@ def train_and_predict(method: str, model_name: str, data, seed: int, args):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.fit(loader, method=method, epochs=args.epochs, progress=False, seed=seed, **options)
+        model.fit(loader, method=method, epochs=args.epochs, progress=not args.quiet, seed=seed, **options)
     generator = torch.Generator().manual_seed(seed)
     test = model.predict(data.x_test, n_samples=args.samples, generator=generator).probs
     ood = None if data.x_ood is None else model.predict(data.x_ood, n_samples=args.samples, generator=generator).probs
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="posterior temperature τ of the VI methods")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 epochs")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 5

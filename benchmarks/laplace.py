@@ -32,6 +32,7 @@ from models import MODELS
 from bayesso import BayesianModel
 from bayesso.data import load_digits, make_loader
 from bayesso.predict.metrics import classification_metrics
+from bayesso.progress import track
 
 FIT_CASES = [(m, s, scope) for m in MODELS for scope in ("all", "last_layer") for s in ("diag", "kron", "full")]
 
@@ -57,12 +58,12 @@ def fit_worker(model_name: str, structure: str, scope: str) -> dict:
             "peak_mib": peak_rss_mib() - before, "parameters": posterior.numel}  # fmt: skip
 
 
-def train_map(seed: int, data, epochs: int) -> nn.Module:
+def train_map(seed: int, data, epochs: int, progress: bool) -> nn.Module:
     torch.manual_seed(seed)
     module = MODELS["cnn"]()
     module[-1] = nn.Linear(module[-1].in_features, 5)
     optimizer = torch.optim.Adam(module.parameters(), lr=3e-3, weight_decay=1 / len(data.y_train))
-    for _ in range(epochs):
+    for _ in track(range(epochs), "adam epochs", progress):
         for x, y in make_loader(data.x_train, data.y_train, 64, seed=seed):
             optimizer.zero_grad()
             nn.functional.cross_entropy(module(x), y).backward()
@@ -70,9 +71,9 @@ def train_map(seed: int, data, epochs: int) -> nn.Module:
     return module.eval()
 
 
-def quality(seed: int, epochs: int) -> dict[str, dict]:
+def quality(seed: int, epochs: int, progress: bool) -> dict[str, dict]:
     data = load_digits(test_fraction=0.3, in_classes=range(5), seed=seed)
-    module = train_map(seed, data, epochs)
+    module = train_map(seed, data, epochs, progress)
     with torch.no_grad():
         rows = {"MAP": classification_metrics(torch.softmax(module(data.x_test), -1), data.y_test,
                                               torch.softmax(module(data.x_ood), -1))}  # fmt: skip
@@ -80,8 +81,8 @@ def quality(seed: int, epochs: int) -> dict[str, dict]:
     for label, structure, modules in [("kron", "kron", None), ("diag", "diag", None),
                                       ("kron, last layer", "kron", "last_layer")]:  # fmt: skip
         model = BayesianModel(module, "classification", structure, prior_precision=1.0)
-        model.fit_laplace(loader, structure=structure, modules=modules, progress=False)
-        delta = model.optimize_prior_precision()["prior_precision"][0].item()
+        model.fit_laplace(loader, structure=structure, modules=modules, progress=progress)
+        delta = model.optimize_prior_precision(progress=progress)["prior_precision"][0].item()
         for method in ("mc", "linearized", "probit"):
             generator = torch.Generator().manual_seed(seed)
             test = model.predict(data.x_test, 32, method=method, generator=generator).probs
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 epochs, part 2 only")
     parser.add_argument("--no-fit", action="store_true", help="part 2 only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(fit_worker(*args.worker)))
@@ -115,7 +117,7 @@ def main() -> None:
                 continue
             print(f"| {model_name} | {scope} | {structure} | {r['parameters']:,} | {r['seconds']:.2f} | "
                   f"{r['ms_per_example']:.3f} | {r['peak_mib']:.0f} |")  # fmt: skip
-    runs = [quality(seed, args.epochs) for seed in range(args.seeds)]
+    runs = [quality(seed, args.epochs, not args.quiet) for seed in track(range(args.seeds), "seeds", not args.quiet)]
     print(f"\n## CNN on digits 0-4, MAP by Adam ({args.epochs} epochs), prior precision by marglik; "
           f"mean over {args.seeds} seeds\n")  # fmt: skip
     print("| method | accuracy (%) | NLL | ECE (%) | OOD AUROC (%) | δ |")

@@ -31,6 +31,7 @@ from models import MODELS
 
 from bayesso.data import load_digits, make_loader
 from bayesso.optim import SecondOrderOptimizer
+from bayesso.progress import track
 
 GRIDS = {
     "minibatch": {"sgd": [0.03, 0.1, 0.3], "adam": [3e-4, 1e-3, 3e-3], "kfac": [0.03, 0.1, 0.3],
@@ -95,7 +96,8 @@ def best_runs(model_name: str, data, regime: str, args) -> dict[str, tuple[float
     batch, limit = (128, args.epochs * 10) if regime == "minibatch" else (len(data.y_train), args.full_steps)
     out = {}
     for name, grid in GRIDS[regime].items():
-        runs = [(lr, train(model_name, name, lr, data, batch, limit, args.target)) for lr in grid]
+        lrs = track(grid, f"{model_name}, {regime}, {name}: lr grid", not args.quiet)
+        runs = [(lr, train(model_name, name, lr, data, batch, limit, args.target)) for lr in lrs]
         reached = [r for r in runs if r[1]["steps"] is not None]
         out[name] = min(reached, key=lambda r: r[1]["steps"]) if reached else max(runs, key=lambda r: r[1]["accuracy"])
     return out
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=300)
     parser.add_argument("--target", type=float, default=0.05, help="mean training NLL to reach")
     parser.add_argument("--quick", action="store_true", help="5 epochs, 30 full-batch steps")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.full_steps = 5, 30

@@ -41,9 +41,11 @@ from suite_tasks import TASKS, Task
 from bayesso import BayesianModel
 from bayesso.data import make_loader
 from bayesso.ensemble import Ensemble, deep_ensemble, train_map
+from bayesso.model import default_predictive
 from bayesso.predict.metrics import classification_metrics
 from bayesso.predict.predictive import Predictive
 from bayesso.predict.temperature import TemperatureScaling
+from bayesso.progress import track
 
 VI = {"vogn": "diag", "noisy_adam": "diag", "noisy_kfac": "kron", "ivon": "diag"}
 METHODS = ["adam", "adam_ts", "deep_ensemble", *VI, "noisy_kfac_heteroscedastic", "laplace", "laplace_ensemble"]
@@ -123,10 +125,11 @@ def _predictor(method: str, task: Task, seed: int, cache: dict):
 
 
 def _laplace(map_model: BayesianModel, loader, val_loader) -> BayesianModel:
-    """The Laplace recipe of the README: last-layer Kronecker GGN, δ by validation NLL of the MC predictive."""
+    """The Laplace recipe of the README: last-layer Kronecker GGN, δ by validation NLL of ``predict``'s default."""
     model = BayesianModel(map_model.module, map_model.likelihood, posterior="kron")
     model.fit_laplace(loader, modules="last_layer", progress=False)
-    model.optimize_prior_precision("grid", val_loader=val_loader, predictive="mc", grid=torch.logspace(-2, 4, 13))
+    predictive = default_predictive(model.likelihood)
+    model.optimize_prior_precision("grid", val_loader=val_loader, predictive=predictive, grid=torch.logspace(-2, 4, 13))
     return model
 
 
@@ -171,7 +174,7 @@ def run(tasks: list[str], methods: list[str], seeds: int, progress: bool) -> dic
     """{task: {method: [per-seed scores with "seconds"]}}."""
     results: dict = {}
     jobs = [(t, s) for t in tasks for s in range(seeds)]
-    for task_key, seed in tqdm(jobs, desc="suite", disable=not progress):
+    for task_key, seed in track(jobs, "suite", progress):
         task, cache = TASKS[task_key](seed), {}
         for method in methods:
             start = time.perf_counter()
@@ -184,8 +187,9 @@ def run(tasks: list[str], methods: list[str], seeds: int, progress: bool) -> dic
             scores["seconds"] = time.perf_counter() - start
             scores["warnings"] = sorted({f"{w.category.__name__}: {w.message}"[:300] for w in caught})
             results.setdefault(task.name, {}).setdefault(method, []).append(scores)
-            print(f"{task.name}, seed {seed}, {method}: NLL {scores['nll']:.4f} ({scores['seconds']:.1f} s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            if progress:  # tqdm.write keeps the bar below the line on a terminal
+                tqdm.write(f"{task.name}, seed {seed}, {method}: NLL {scores['nll']:.4f} ({scores['seconds']:.1f} s)",
+                           file=sys.stderr)  # fmt: skip
     return results
 
 
@@ -223,13 +227,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--out", default="suite-results")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
     args = parser.parse_args()
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     unknown = sorted(set(tasks) - set(TASKS)) + sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown tasks or methods: {unknown}")
     torch.set_num_threads(args.threads)
-    results = run(tasks, methods, args.seeds, progress=sys.stderr.isatty())
+    results = run(tasks, methods, args.seeds, progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(results, indent=1))

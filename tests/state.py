@@ -76,3 +76,15 @@ def _first_difference(a, b, where: str) -> str | None:
             return f"{where} (length {len(a)} -> {len(b)})"
         return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{where}[{i}]"))), None)
     return None if a == b else f"{where} ({a!r} -> {b!r})"
+
+
+def posterior_tensors(posterior) -> dict[str, Tensor]:
+    """Every tensor a posterior holds, by name: statistic blocks, eigenbases (cached inverses too), prior precision."""
+    out = {"prior": posterior._prior}
+    for name, block in posterior.statistic.blocks.items():
+        out.update({f"statistic {name} {i}": t for i, t in enumerate(block.tensors())})
+    for name, basis in posterior._bases.items():
+        for key, value in vars(basis).items():
+            values = value if isinstance(value, tuple) else (value,)
+            out.update({f"basis {name} {key} {i}": t for i, t in enumerate(values) if isinstance(t, Tensor)})
+    return out

@@ -126,8 +126,8 @@ FIT = [
              "batch size mismatch: x has 48 examples and y has 40", dataset_size=48),
     fit_case("epochs=0", classifier, loader, ValueError, "epochs must be a positive integer, got 0", epochs=0),
     fit_case("an unknown method", classifier, loader, ValueError, "method must be one of .* got 'adam'", method="adam"),
-    fit_case("a negative lr", classifier, loader, ValueError, "lr must be positive and finite, got -0.1", lr=-0.1),
-    fit_case("lr = NaN", classifier, loader, ValueError, "lr must be positive and finite, got nan", lr=math.nan),
+    fit_case("a negative lr", classifier, loader, ValueError, "lr must be non-negative and finite, got -0.1", lr=-0.1),
+    fit_case("lr = NaN", classifier, loader, ValueError, "lr must be non-negative and finite, got nan", lr=math.nan),
     fit_case("temperature 0", classifier, loader, ValueError, "temperature must be positive", temperature=0.0),
     fit_case("a valid temperature with damping -1", classifier, loader, ValueError,
              "damping must be non-negative", temperature=0.5, damping=-1.0),
@@ -365,7 +365,7 @@ OPTIMIZERS = [
     _optimizer_case("VOGN: load_state_dict of a SecondOrderOptimizer", _vogn,
                     lambda m, o: o.load_state_dict(_second_order()[1].state_dict()), ValueError, "no 'vi' entry"),
     _optimizer_case("SecondOrderOptimizer: lr set to -1 by hand", _second_order_negative_lr,
-                    lambda m, o: o.step(_closure(m.module, o, *_data())), ValueError, "lr must be positive"),
+                    lambda m, o: o.step(_closure(m.module, o, *_data())), ValueError, "lr must be non-negative"),
 ]  # fmt: skip
 
 

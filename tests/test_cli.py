@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bayesso.cli import main
 
@@ -24,7 +25,7 @@ def test_no_command_prints_help(capsys):
 @pytest.mark.parametrize(
     "argv",
     [["demo", "--epochs", "0"], ["demo", "--samples", "x"], ["demo", "--seeds", "-1"], ["curvature", "--examples", "x"],
-     ["fly"]],
+     ["curvature", "--threads", "0"], ["fly"]],
 )  # fmt: skip
 def test_bad_arguments_exit_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -70,6 +71,15 @@ def test_quick_curvature_comparison_prints_its_table():
         timeout=300,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + 11  # header and one row per kind x structure
+    assert len(lines) == 1 + 9  # header and one row per kind x structure, the exact Hessian's left out by --quick
+    assert "exact-Hessian rows are left out" in result.stdout
     ggn_full = next(line for line in lines if line.startswith("| ggn | full |"))
     assert ggn_full.split("|")[5].strip() == "0.000"  # the reference compared with itself
+
+
+def test_the_command_runs_on_the_threads_asked_for_and_restores_torch_s(monkeypatch):
+    seen = []
+    monkeypatch.setattr("bayesso.cli._curvature", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main(["curvature", "--threads", "3"]) == 0 and main(["curvature"]) == 0
+    assert seen == [3, 1] and torch.get_num_threads() == before

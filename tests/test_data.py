@@ -54,3 +54,15 @@ def test_torchvision_loader_explains_a_missing_torchvision(monkeypatch):
         torchvision_dataset("mnist", "/tmp/none")
     with pytest.raises(ValueError, match="'svhn'"):
         torchvision_dataset("svhn", "/tmp/none")
+
+
+def test_every_split_is_shuffled_so_that_any_slice_mixes_the_classes():
+    data = load_digits(test_fraction=0.5, in_classes=range(5), seed=0)
+    for labels in (data.y_train, data.y_test, data.y_ood):
+        changes = int((labels[1:] != labels[:-1]).sum())
+        assert changes > len(labels) // 2  # ordered by class, there would be 4 changes
+        assert len(set(labels[:40].tolist())) == 5  # a slice as a validation set holds every class
+    again = load_digits(test_fraction=0.5, in_classes=range(5), seed=0)
+    assert torch.equal(data.x_test, again.x_test) and torch.equal(data.y_ood, again.y_ood)
+    other = load_digits(test_fraction=0.5, in_classes=range(5), seed=1)
+    assert not torch.equal(data.y_test, other.y_test)

@@ -380,3 +380,20 @@ def test_laplace_and_evidence_tuning_on_a_transformer_block(structure):
     result = model.optimize_prior_precision()
     assert math.isfinite(result["log_marginal_likelihood"]) and result["log_marginal_likelihood"] > start
     assert model.predict(x, method="probit").probs.shape == (40, 3)
+
+
+@pytest.mark.filterwarnings("ignore:the best prior precision")
+def test_grid_search_on_a_single_class_warns_and_a_mixed_one_does_not():
+    case = CASES_BY_NAME["mlp"]
+    module, x, y = case.data(batch_size=40)
+    model = BayesianModel(module, case.likelihood, "diag")
+    model.fit_laplace([(x, y)], progress=False)
+    label = int(y[0])
+    one_class = [(x[y == label], y[y == label])]
+    with pytest.warns(UserWarning, match=rf"optimize_prior_precision\(method='grid'\): all \d+ held-out labels are "
+                      rf"class {label}"):  # fmt: skip
+        model.optimize_prior_precision("grid", val_loader=one_class, grid=[0.1, 1.0, 10.0])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*held-out labels are class")
+        result = model.optimize_prior_precision("grid", val_loader=[(x, y)], grid=[0.1, 1.0, 10.0])
+    assert len(set(y.tolist())) > 1 and len(result["scores"]) == 3

@@ -94,6 +94,19 @@ def test_predict_shapes_and_dtypes_for_every_likelihood(name, method):
         assert predictive.output_covariance.shape == (8, outputs, outputs)
 
 
+@pytest.mark.parametrize("name, expected", [("mlp", "probit"), ("mlp_binary", "probit"), ("mlp_regression", "mc")])
+def test_predict_without_a_method_uses_probit_for_classes_and_mc_otherwise(name, expected):
+    model, x, _ = fitted_bayesian_model("kron", name)
+    default = model.predict(x, n_samples=3, generator=torch.Generator().manual_seed(0))
+    chosen = model.predict(x, n_samples=3, method=expected, generator=torch.Generator().manual_seed(0))
+    kept = model.predict(x, n_samples=3, generator=torch.Generator().manual_seed(0), keep_samples=True)
+    mc = model.predict(x, n_samples=3, method="mc", generator=torch.Generator().manual_seed(0), keep_samples=True)
+    field = "mean" if name == "mlp_regression" else "probs"
+    assert torch.equal(getattr(default, field), getattr(chosen, field))
+    assert torch.equal(getattr(kept, field), getattr(mc, field))  # samples need "mc"
+    assert torch.equal(kept.samples, mc.samples)
+
+
 def test_predict_rejects_bad_arguments_and_leaves_the_model_alone():
     model, x, _ = fitted_bayesian_model("kron", "mlp")
     before = [p.detach().clone() for p in model.module.parameters()]

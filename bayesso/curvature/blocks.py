@@ -96,6 +96,10 @@ class Block(ABC):
         return self
 
     @abstractmethod
+    def isotropic(self, value: float) -> Block:
+        """The block value · I over the same parameters (Kronecker: A = G = sqrt(value) I, so A ⊗ G = value · I)."""
+
+    @abstractmethod
     def __add__(self, other: Block) -> Block:
         """The curvature of both batches together."""
 
@@ -144,6 +148,9 @@ class DiagBlock(_SingleTensorBlock):
     def diagonal(self) -> Tensor:
         return self.values
 
+    def isotropic(self, value: float) -> DiagBlock:
+        return DiagBlock(self.names, self.shapes, torch.full_like(self.values, value))
+
     def tensors(self) -> list[Tensor]:
         return [self.values]
 
@@ -162,6 +169,10 @@ class DenseBlock(_SingleTensorBlock):
 
     def diagonal(self) -> Tensor:
         return self.matrix.diagonal()
+
+    def isotropic(self, value: float) -> DenseBlock:
+        eye = torch.eye(self.matrix.shape[0], dtype=self.matrix.dtype, device=self.matrix.device)
+        return DenseBlock(self.names, self.shapes, eye * value)
 
     def tensors(self) -> list[Tensor]:
         return [self.matrix]
@@ -231,6 +242,12 @@ class KronBlock(Block):
 
     def tensors(self) -> list[Tensor]:
         return [self.A, self.G, self.n]
+
+    def isotropic(self, value: float) -> KronBlock:
+        root = math.sqrt(value)
+        eye_a = torch.eye(self.A.shape[-1], dtype=self.A.dtype, device=self.A.device).expand_as(self.A) * root
+        eye_g = torch.eye(self.G.shape[-1], dtype=self.G.dtype, device=self.G.device).expand_as(self.G) * root
+        return KronBlock(self.names, self.shapes, eye_a, eye_g, torch.ones_like(self.n), self.layout)
 
     def with_tensors(self, tensors: list[Tensor]) -> KronBlock:
         A, G, n = tensors

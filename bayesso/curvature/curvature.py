@@ -101,6 +101,10 @@ class Curvature:
     def __rmul__(self, scale: float) -> Curvature:
         return self * scale
 
+    def isotropic(self, value: float) -> Curvature:
+        """value · I in every block (``Block.isotropic``), e.g. an initial statistic s0 I."""
+        return self.with_blocks({name: block.isotropic(value) for name, block in self.blocks.items()})
+
     def clone(self) -> Curvature:
         """A copy with its own tensors."""
         return self * 1.0

@@ -1,6 +1,6 @@
 """``CurvatureEngine``: curvature of a summed NLL per module, for any ``nn.Module``.
 
-kind (ALGORITHMS.md section 1), all for the SUMMED NLL sum_i l_i over the batch:
+kind (docs/curvature.md §1), all for the SUMMED NLL sum_i l_i over the batch:
 
 - ``ggn``: sum_i J_i^T Lambda_i J_i (= exact Fisher here), by backpropagating the
   columns of a square root of Lambda_i (one backward pass per output);

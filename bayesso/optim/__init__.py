@@ -1,4 +1,8 @@
-"""Optimizers: natural-gradient VI (VOGN, noisy K-FAC, noisy Adam, IVON) and the K-FAC SecondOrderOptimizer."""
+"""Optimizers: natural-gradient VI (VOGN, noisy K-FAC, noisy Adam, IVON) and the K-FAC SecondOrderOptimizer.
+
+All take a ``BayesianModel`` (``SecondOrderOptimizer`` the module) and step with a closure; IVON also drops
+into a torch training loop: ``IVON(net.parameters(), lr, ess=N)``, ``sampled_params(train=True)``, ``step()``.
+"""
 
 from bayesso.optim.ivon import IVON, ivon_hessian_update
 from bayesso.optim.presets import VOGN, NoisyAdam, NoisyKFAC

@@ -21,11 +21,13 @@ from bayesso.curvature import Curvature
 
 __all__ = [
     "MicroBatchSums",
+    "check_non_negative",
     "check_positive",
     "closure_loss",
     "flat_gradient",
     "nonfinite_part",
     "recorded_batch_sizes",
+    "refuse_grad_scaler",
 ]
 
 UNEVEN = 0.9  # warn when the smallest micro-batch is below this fraction of the largest
@@ -39,6 +41,12 @@ def check_positive(name: str, value, integer: bool = False) -> None:
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
+def check_non_negative(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number >= 0 (a learning rate may be 0, as in torch)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be non-negative and finite, got {value!r}")
+
+
 def closure_loss(loss) -> Tensor:
     """The detached scalar loss a closure returned; a clear error for anything else (e.g. a forgotten return)."""
     if isinstance(loss, Tensor) and loss.numel() == 1:
@@ -48,6 +56,25 @@ def closure_loss(loss) -> Tensor:
     what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else repr(loss)
     raise ValueError(
         f"the closure must return the batch-mean loss as a scalar tensor (end it with `return loss`), got {what}"
+    )
+
+
+def refuse_grad_scaler(optimizer) -> None:
+    """ValueError when ``torch.amp.GradScaler.step`` calls a closure optimizer's step.
+
+    The optimizer declares ``_step_supports_amp_scaling``, so the scaler hands it ``grad_scale`` and
+    ``found_inf`` (removed here: the scaler removes them only after a step that returns) instead of
+    unscaling ``.grad`` and stepping on a gradient that the closure's loss would then scale again.
+    """
+    if not hasattr(optimizer, "found_inf"):
+        return
+    for name in ("grad_scale", "found_inf"):
+        optimizer.__dict__.pop(name, None)
+    raise ValueError(
+        f"torch.amp.GradScaler does not support {type(optimizer).__name__}: its step(closure) runs the closure "
+        "itself (with curvature hooks, once per sample), which GradScaler cannot scale. Use "
+        "torch.autocast(device_type, dtype=torch.bfloat16) inside the closure, which needs no scaler, or float32; "
+        "IVON's closure-free step after sampled_params(train=True) supports GradScaler"
     )
 
 

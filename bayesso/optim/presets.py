@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+from bayesso.optim.dropin import require_bayesian_model
 from bayesso.optim.vi import VIOptimizer
 from bayesso.posteriors import KroneckerGaussian
 
@@ -93,6 +94,7 @@ class NoisyKFAC(_Preset):
     }
 
     def __init__(self, model: BayesianModel, lr: float | None = None, **options) -> None:
+        require_bayesian_model(model, "NoisyKFAC")
         if not isinstance(model.posterior, KroneckerGaussian):
             raise ValueError(f"NoisyKFAC needs a KroneckerGaussian posterior, got {type(model.posterior).__name__}")
         super().__init__(model, lr, **options)

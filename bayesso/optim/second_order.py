@@ -1,4 +1,4 @@
-"""``SecondOrderOptimizer``: natural-gradient / K-FAC training from the curvature engine (ALGORITHMS.md §3).
+"""``SecondOrderOptimizer``: natural-gradient / K-FAC training from the curvature engine (docs/second_order.md §1).
 
 One step, with F the curvature of the batch-MEAN loss (the engine's summed curvature / B):
 
@@ -33,12 +33,15 @@ from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Likelihood, get_likelihood
 from bayesso.optim.accumulation import (
     MicroBatchSums,
+    check_non_negative,
     check_positive,
     closure_loss,
     flat_gradient,
     recorded_batch_sizes,
+    refuse_grad_scaler,
 )
 from bayesso.optim.atomic import atomic_step, check_candidate
+from bayesso.placement import converted, converted_sums, moved_generator
 from bayesso.posteriors import POSTERIORS
 from bayesso.saved_state import check_count, check_keys, check_tensor
 
@@ -51,20 +54,32 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     """Deterministic second-order training of any ``nn.Module`` the engine supports.
 
     Args:
-        module, likelihood: the model and its likelihood ("classification", "binary", "regression", ...).
+        module: the model.
+        likelihood: its likelihood ("classification", "binary", "regression", ...).
         kind: curvature "fisher_mc" (K-FAC's usual 1-sample MC Fisher), "fisher_emp" or "ggn".
         structure: "kron" (K-FAC, diagonal for modules without a rule), "diag" or "full".
-        lr, momentum, weight_decay (L2), decoupled_weight_decay, damping, kl_clip: see the module
-            docstring; all live in the param group, so schedulers may change them.
-        curv_interval, inv_interval: steps between curvature updates and between decompositions.
-        beta: weight of the old curvature in its EMA. kfac_damping: "factored" or "exact".
+        lr: α. It and the next five live in the param group, so schedulers may change them
+            (the step is in docs/second_order.md §1).
+        damping: γ, added to the curvature.
+        momentum: μ, heavy-ball momentum on the preconditioned step.
+        weight_decay: L2 weight decay λ, inside the preconditioned gradient and the damping.
+        decoupled_weight_decay: ω, θ <- θ - α ω θ outside the preconditioner.
+        kl_clip: κ, bounds α² pᵀ(∇L + λθ) of the step p (None: no clipping).
+        curv_interval: steps between curvature updates.
+        inv_interval: steps between decompositions.
+        beta: weight of the old curvature in its EMA.
+        kfac_damping: "factored" or "exact".
+        kfac_approx: "expand" or "reduce", K-FAC under weight sharing (docs/curvature.md §3).
         modules: optimise only these modules (names, objects, "last_layer"); others are left alone.
-        mc_samples: label samples per example for "fisher_mc". accumulation_steps: micro-batches
-            per update. skip_nonfinite: skip (and count) steps with NaN/inf instead of raising.
+        mc_samples: label samples per example for "fisher_mc".
+        accumulation_steps: micro-batches per update.
+        skip_nonfinite: skip (and count) steps with NaN/inf instead of raising.
         seed: the generator for MC labels, seed + rank (saved in ``state_dict``).
         grid: a ``bayesso.distributed.ProcessGrid``: each rank steps on its own data shard; gradients
             are averaged on every step and curvature summed on curvature steps, over all ranks.
     """
+
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler.step calls step() directly, which refuses it
 
     def __init__(
         self,
@@ -90,6 +105,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         grid: ProcessGrid | None = None,
     ) -> None:
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"SecondOrderOptimizer needs the nn.Module, got {type(module).__name__}: its curvature comes from "
+                "hooks on the module's layers while step(closure) runs; pass SecondOrderOptimizer(net, likelihood)"
+            )
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
         if structure not in POSTERIORS:
@@ -126,6 +146,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         All or nothing: if anything fails (the closure, a non-finite candidate, a decomposition,
         another rank), the weights and the optimizer's state are as before.
         """
+        self.follow_module()
         return atomic_step(
             self,
             self.preconditioner,
@@ -136,6 +157,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         )
 
     def _evaluate(self, closure):
+        refuse_grad_scaler(self)
         if closure is None:
             raise ValueError(
                 "SecondOrderOptimizer records the curvature of the closure's forward: step() needs a closure that "
@@ -203,6 +225,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load ``state_dict`` output; everything is checked against this optimizer first, so a state
         from another architecture or optimizer is refused whole and changes nothing."""
+        self.follow_module()
         if not isinstance(state_dict, dict) or "second_order" not in state_dict:
             raise ValueError("the optimizer state has no 'second_order' entry: not saved by a SecondOrderOptimizer")
         saved = state_dict["second_order"]
@@ -226,10 +249,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.generator.set_state(saved["generator"])
         self._sums = MicroBatchSums()
 
+    def follow_module(self) -> None:
+        """Move the momentum, micro-batch sums and generator, with the preconditioner, to where the parameters now
+        are (``bayesso.placement``); ``step`` and ``load_state_dict`` call it. All or nothing. A generator that
+        changes device is a new one there, seeded from a hash of its state."""
+        device, dtype = self.preconditioner.placement()
+        generator = moved_generator(self.generator, device)
+        momentum, sums = converted(self._momentum, device, dtype), converted_sums(self._sums, device, dtype)
+        self.preconditioner.follow_module()
+        self.generator, self._momentum, self._sums = generator, momentum, sums
+        self.engine.dtype = dtype
+
 
 def _check_group(group: dict) -> None:
     """ValueError naming the hyperparameter (checked at construction and before every step)."""
-    check_positive("lr", group["lr"])
+    check_non_negative("lr", group["lr"])
     for name in ("damping", "weight_decay", "decoupled_weight_decay"):
         value = group[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:

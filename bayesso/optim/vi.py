@@ -1,6 +1,6 @@
 """Natural-gradient variational inference: ``VIOptimizer`` (the presets are in ``presets.py`` and ``ivon.py``).
 
-One step (ALGORITHMS.md section 2), with δ̃ = τδ/N per block and λ = δ̃ + γ:
+One step (docs/vi.md §1), with δ̃ = τδ/N per block and λ = δ̃ + γ:
 
     for k in 1..K:  w_k = μ + (noise from q);  ĝ_k = ∇ (batch-mean NLL)(w_k),  ĥ_k = statistic at w_k
     S <- β2 S + (1 - β2) mean_k ĥ_k                     (posterior.update_statistic)
@@ -26,17 +26,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from bayesso.curvature import Curvature, CurvatureEngine, DenseBlock, DiagBlock, KronBlock
+from bayesso.curvature import CurvatureEngine
 from bayesso.distributed import ProcessGrid
 from bayesso.optim.accumulation import (
     MicroBatchSums,
+    check_non_negative,
     check_positive,
     closure_loss,
     flat_gradient,
     recorded_batch_sizes,
+    refuse_grad_scaler,
 )
 from bayesso.optim.atomic import atomic_step, check_candidate
+from bayesso.optim.dropin import ParameterModel, require_bayesian_model
 from bayesso.optim.empirical_bayes import PRIOR_GRANULARITIES, initialisation_prior, prior_precision_update
+from bayesso.placement import converted, converted_sums, moved_generator
 from bayesso.saved_state import check_count, check_keys, check_tensor
 
 if TYPE_CHECKING:
@@ -53,17 +57,23 @@ class VIOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the ``BayesianModel``; its posterior's structure sets the statistic's.
-        lr: α. curvature: the engine kind giving ĥ ("fisher_emp", "fisher_mc", "ggn").
-        mc_samples: K weight samples per step. betas: (β1 momentum, β2 statistic), weights on old.
+        lr: α.
+        curvature: the engine kind giving ĥ ("fisher_emp", "fisher_mc", "ggn").
+        mc_samples: K weight samples per step.
+        betas: (β1 momentum, β2 statistic), weights on the old value.
         momentum: "raw" (heavy ball on the gradient) or "adam" (EMA with bias correction).
-        damping: external γ. prior_precision, dataset_size, temperature: set on the posterior.
+        damping: external γ.
+        prior_precision: δ, set on the posterior ("initialisation": P_m / ‖μ_m‖² per block).
+        dataset_size: N, set on the posterior.
+        temperature: τ, set on the posterior.
         augmentation_factor: ρ, N -> ρN under data augmentation.
         temperature_warmup: (τ0, steps): τ rises linearly from τ0 to ``temperature``.
         deterministic_batchnorm: batch-norm parameters are not sampled and have no prior.
         init_precision: initial statistic s0 (K-FAC: A = G = sqrt(s0) I); without it the first
             step is taken at the mean and the statistic starts at the first estimate. A posterior
             that already has a statistic (after ``fit_laplace`` or an earlier fit) keeps it.
-        curv_interval, inv_interval: refresh the statistic / its decomposition every so many steps.
+        curv_interval: refresh the statistic every so many steps.
+        inv_interval: refresh the statistic's decomposition every so many steps.
         accumulation_steps: micro-batches (equal sizes) per update; each draws fresh samples.
         skip_nonfinite: skip steps with a non-finite loss, gradient or statistic (counted in
             ``skipped_steps``) instead of raising ``FloatingPointError``.
@@ -79,6 +89,7 @@ class VIOptimizer(torch.optim.Optimizer):
     """
 
     prior_in_momentum = True  # the prior gradient δ̃μ enters the momentum (VOGN, Vadam) or is added after (IVON)
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler.step calls step() directly, which refuses it
 
     def __init__(
         self,
@@ -107,7 +118,8 @@ class VIOptimizer(torch.optim.Optimizer):
         learn_prior: str | None = None,
         kl_clip: float | None = None,
     ) -> None:
-        check_positive("lr", lr)
+        require_bayesian_model(model, type(self).__name__)
+        check_non_negative("lr", lr)
         check_positive("mc_samples", mc_samples, integer=True)
         for name, value in (("curv_interval", curv_interval), ("inv_interval", inv_interval)):
             check_positive(name, value, integer=True)
@@ -152,9 +164,10 @@ class VIOptimizer(torch.optim.Optimizer):
                     kfac_approx=kfac_approx,
                 )
             if init_precision is not None and not posterior.initialized:
-                posterior.update_statistic(_isotropic(posterior, init_precision))
+                posterior.update_statistic(posterior.statistic.isotropic(init_precision))
         params = posterior.parameters
-        super().__init__(params, {"lr": lr, "betas": tuple(betas)})
+        groups = model.param_groups if isinstance(model, ParameterModel) else params  # one group per block there
+        super().__init__(groups, {"lr": lr, "betas": tuple(betas)})
         self.model, self.posterior, self.engine = model, posterior, engine
         self.mc_samples, self.momentum_type = mc_samples, momentum
         self.curv_interval, self.inv_interval, self.accumulation_steps = curv_interval, inv_interval, accumulation_steps
@@ -191,6 +204,11 @@ class VIOptimizer(torch.optim.Optimizer):
         All or nothing: if anything fails (the closure, a non-finite candidate, a decomposition,
         another rank), the posterior, the optimizer's state and its generators are as before.
         """
+        return self._atomic_step(closure)
+
+    def _atomic_step(self, closure) -> Tensor:
+        """``step``'s work, for a subclass's ``step`` to build on (torch wraps each class's ``step`` with hooks)."""
+        self.follow_module()
         return atomic_step(
             self,
             self.posterior,
@@ -210,12 +228,14 @@ class VIOptimizer(torch.optim.Optimizer):
 
     def _evaluate(self, closure):
         """Loss, mean gradient, summed curvature, sample statistic over the MC samples, and the batch size."""
+        refuse_grad_scaler(self)
         if closure is None:
             raise ValueError(
                 "VI optimizers evaluate the loss at sampled weights: step() needs a closure that zeroes the "
                 "gradients, computes the batch-mean loss, calls backward() and returns the loss"
             )
-        check_positive("lr", self.param_groups[0]["lr"])
+        for group in self.param_groups:
+            check_non_negative("lr", group["lr"])
         self._apply_temperature()
         posterior = self.posterior
         curvature_step = self.engine is not None and self._step % self.curv_interval == 0
@@ -280,9 +300,10 @@ class VIOptimizer(torch.optim.Optimizer):
             velocity = momentum / (1 - beta1 ** (self._step + 1))
         if not self.prior_in_momentum:
             velocity = velocity + prior
-        step = group["lr"] * self._direction(velocity)
+        rates = self._learning_rates()
+        step = rates * self._direction(velocity)
         if self.kl_clip is not None:  # α² vᵀ(S + λ)⁻¹v <= κ: the K-FAC trust region, in mean-loss units
-            quadratic = float(velocity @ step) * group["lr"]
+            quadratic = float((velocity * rates) @ step)
             if quadratic > self.kl_clip:
                 step = step * math.sqrt(self.kl_clip / quadratic)
         new = mean - step
@@ -291,6 +312,10 @@ class VIOptimizer(torch.optim.Optimizer):
         self._momentum = momentum
         if self.learn_prior is not None:
             posterior.prior_precision = prior_precision_update(posterior, self.learn_prior)
+
+    def _learning_rates(self) -> float | Tensor:
+        """α, the param group's lr (the drop-in IVON's groups give one per block)."""
+        return self.param_groups[0]["lr"]
 
     def _direction(self, velocity: Tensor) -> Tensor:
         return self.posterior.precondition(velocity)
@@ -321,6 +346,7 @@ class VIOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load ``state_dict`` output; everything is checked against this optimizer first, so a state
         from another architecture or optimizer is refused whole and changes nothing."""
+        self.follow_module()
         if not isinstance(state_dict, dict) or "vi" not in state_dict:
             raise ValueError("the optimizer state has no 'vi' entry: it was not saved by a VIOptimizer")
         vi = state_dict["vi"]
@@ -348,23 +374,19 @@ class VIOptimizer(torch.optim.Optimizer):
         """Whether micro-batches are waiting for the rest of their update (no ``state_dict`` then)."""
         return self._sums.count > 0
 
+    def follow_module(self) -> None:
+        """Move the momentum, micro-batch sums and generators, with the posterior, to where its parameters now are
+        (``bayesso.placement``); ``step``, ``load_state_dict`` and ``BayesianModel.to`` call it. All or nothing.
+        A generator that changes device is a new one there, seeded from a hash of its state."""
+        device, dtype = self.posterior.placement()
+        generators = [moved_generator(g, device) for g in (self.generator, self.label_generator)]
+        momentum, sums = converted(self._momentum, device, dtype), converted_sums(self._sums, device, dtype)
+        self.posterior.follow_module()
+        self.generator, self.label_generator = generators
+        self._momentum, self._sums = momentum, sums
+        if self.engine is not None:
+            self.engine.dtype = dtype
+
 
 def _average(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(0)
-
-
-def _isotropic(posterior, value: float) -> Curvature:
-    """The statistic s0 I in every block (K-FAC: A = G = sqrt(s0) I)."""
-    blocks = {}
-    for name, block in posterior.statistic.blocks.items():
-        if isinstance(block, DiagBlock):
-            blocks[name] = block.with_tensors([torch.full_like(block.values, value)])
-        elif isinstance(block, KronBlock):
-            eye_a = torch.eye(block.A.shape[-1], dtype=block.A.dtype, device=block.A.device).expand_as(block.A)
-            eye_g = torch.eye(block.G.shape[-1], dtype=block.G.dtype, device=block.G.device).expand_as(block.G)
-            root = math.sqrt(value)
-            blocks[name] = block.with_tensors([eye_a * root, eye_g * root, torch.ones_like(block.n)])
-        elif isinstance(block, DenseBlock):
-            eye = torch.eye(block.matrix.shape[0], dtype=block.matrix.dtype, device=block.matrix.device)
-            blocks[name] = block.with_tensors([eye * value])
-    return posterior.statistic.with_blocks(blocks)

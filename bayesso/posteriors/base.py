@@ -1,7 +1,7 @@
 """``Posterior``: a Gaussian over a module's parameters, block-diagonal over modules.
 
 q(θ) = N(μ, Σ). The mean μ IS the module's parameters (flattened row-major, in
-``module.parameters()`` order). Per module block m (ALGORITHMS.md section 2):
+``module.parameters()`` order). Per module block m (docs/posteriors.md §1):
 
     Σ_m⁻¹ = (N/τ) (S_m + λ_m I),    λ_m = τ δ_m / N + γ,
 
@@ -15,12 +15,14 @@ covariance, log-determinant, entropy and KL (zero rows in the dense views).
 Every block is handled in an eigenbasis of its statistic, S_m = Q diag(s) Qᵀ, so
 sampling, solves and log-determinants cost no new factorisation when λ changes; the
 decomposition is recomputed when the statistic changes (or only on ``refresh``).
+
+Devices and dtypes: the posterior's tensors live where the module's parameters are, in
+float64 for float64 parameters and float32 otherwise; they follow the module (``devices.py``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -30,18 +32,17 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
+from bayesso.placement import state_dtype
+from bayesso.posteriors.devices import Devices
 from bayesso.posteriors.eigenbasis import Eigenbasis
 from bayesso.posteriors.hyperparameters import Hyperparameters
+from bayesso.posteriors.measures import PRECISION_FLOOR, GaussianMeasures
 from bayesso.posteriors.state import check_posterior_state, load_posterior_state, posterior_state
 
 __all__ = ["Posterior"]
 
-# Per-example damped eigenvalues are floored here so that a block with no prior,
-# no damping and zero curvature cannot produce an infinite step.
-PRECISION_FLOOR = 1e-12
 
-
-class Posterior(Hyperparameters, ABC):
+class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
     """Gaussian posterior over the trainable parameters of ``module`` (or of ``modules``).
 
     Args:
@@ -68,9 +69,9 @@ class Posterior(Hyperparameters, ABC):
         self.module = module
         self.plans = plan_modules(module, modules)
         first = self.plans[0].parameters[0]
-        self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        self._check_plans()
-        self.statistic: Curvature = zero_curvature(module, self.plans, self.structure, self.dtype)
+        self._dtype = state_dtype(first.dtype)
+        self._check_plans(self._dtype)
+        self.statistic: Curvature = zero_curvature(module, self.plans, self.structure, self._dtype)
         self.initialized = False
         self.deterministic: set[str] = set()
         self._slices: dict[str, slice] = {}
@@ -79,7 +80,7 @@ class Posterior(Hyperparameters, ABC):
             self._slices[plan.name] = slice(start, start + plan.numel)
             start += plan.numel
         self.numel = start
-        self._prior = torch.ones(len(self.plans), dtype=self.dtype, device=first.device)
+        self._prior = torch.ones(len(self.plans), dtype=self._dtype, device=first.device)
         self.prior_precision = prior_precision
         self.dataset_size = dataset_size
         self.temperature = temperature
@@ -90,8 +91,8 @@ class Posterior(Hyperparameters, ABC):
         self._damped_cache: tuple | None = None
 
     # ---- statistic and decompositions --------------------------------------------------------
-    def _check_plans(self) -> None:
-        """Refuse unsupported blocks before anything is allocated."""
+    def _check_plans(self, dtype: torch.dtype) -> None:
+        """Refuse unsupported blocks (with state in ``dtype``) before anything is allocated."""
 
     @abstractmethod
     def _eigenbasis(self, block: Block) -> Eigenbasis:
@@ -106,6 +107,7 @@ class Posterior(Hyperparameters, ABC):
         ``refresh=False`` sampling and solves keep the previous decomposition until the next
         refresh (K-FAC's inverse interval).
         """
+        self.follow_module()
         decomposed_blocks = None  # with refresh=False: the blocks the kept decomposition comes from
         if not refresh:
             decomposed_blocks = dict((self.statistic if self._decomposed is None else self._decomposed).blocks)
@@ -149,6 +151,7 @@ class Posterior(Hyperparameters, ABC):
 
     def refresh(self) -> None:
         """Recompute every block's decomposition from the current statistic (nothing changes if that fails)."""
+        self.follow_module()
         bases = {name: self._eigenbasis(block) for name, block in self.statistic.blocks.items()}
         self._decomposed, self._bases = None, bases
         self._revision += 1
@@ -178,6 +181,7 @@ class Posterior(Hyperparameters, ABC):
             raise
 
     def _basis(self, name: str) -> Eigenbasis:
+        self.follow_module()
         if name not in self._bases:
             source = self._decomposed if self._decomposed is not None else self.statistic
             self._bases[name] = self._eigenbasis(source.blocks[name])
@@ -185,6 +189,7 @@ class Posterior(Hyperparameters, ABC):
 
     def _damped(self) -> dict[str, Tensor]:
         """Per-example damped eigenvalues e_m of S_m + λ_m per block (cached while nothing changes)."""
+        self.follow_module()
         key = (
             self._revision,
             id(self._prior),
@@ -262,11 +267,16 @@ class Posterior(Hyperparameters, ABC):
         return [(i, p.name) for i, p in enumerate(self.plans) if p.name not in self.deterministic]
 
     def sample_noise(self, n: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(θ - μ, ε) for n samples (n, P): θ - μ = Q ε / sqrt((N/τ) e); zero for deterministic blocks."""
+        """(θ - μ, ε) for n samples (n, P): θ - μ = Q ε / sqrt((N/τ) e); zero for deterministic blocks.
+
+        A ``generator`` on another device (a CPU one for a CUDA model) draws ε there, which is then
+        moved: one generator state gives the same ε on every device.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
-        eps = torch.randn(n, self.numel, dtype=self.dtype, device=self._prior.device, generator=generator)
+        where = self.device if generator is None else generator.device
+        eps = torch.randn(n, self.numel, dtype=self.dtype, device=where, generator=generator).to(self.device)
         if flat is not None:
             return eps * flat[1], eps
         noise = torch.zeros_like(eps)
@@ -324,7 +334,7 @@ class Posterior(Hyperparameters, ABC):
         damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
         if flat is not None:
             return flat[1].square()
-        out = torch.zeros(self.numel, dtype=self.dtype, device=self._prior.device)
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         for _, name in self._random():
             out[self._slices[name]] = self._basis(name).diagonal(1 / (scale * damped[name]))
         return out
@@ -332,77 +342,25 @@ class Posterior(Hyperparameters, ABC):
     def covariance_traces(self) -> Tensor:
         """tr Σ_m per block, shape (n_blocks,): Σ_k 1 / ((N/τ) e_k) over the damped eigenvalues (0 if deterministic)."""
         damped, scale = self._damped(), self._scale()
-        traces = torch.zeros(len(self.plans), dtype=self.dtype, device=self._prior.device)
+        traces = torch.zeros(len(self.plans), dtype=self.dtype, device=self.device)
         for index, name in self._random():
             traces[index] = (1 / (scale * damped[name])).sum()
         return traces
 
-    def _dense(self, inverse: bool) -> Tensor:
-        damped, scale = self._damped(), self._scale()
-        out = torch.zeros(self.numel, self.numel, dtype=self.dtype, device=self._prior.device)
-        for _, name in self._random():
-            where = self._slices[name]
-            values = scale * damped[name]
-            out[where, where] = self._basis(name).dense(1 / values if inverse else values)
-        return out
-
-    def precision_dense(self) -> Tensor:
-        """Σ⁻¹ as a dense (P, P) matrix (small models only)."""
-        return self._dense(inverse=False)
-
-    def covariance_dense(self) -> Tensor:
-        """Σ as a dense (P, P) matrix (small models only)."""
-        return self._dense(inverse=True)
-
-    def log_det_precision(self, prior_precision: Tensor | None = None, statistic_scale: float | Tensor = 1.0) -> Tensor:
-        """log det Σ⁻¹ over the random (non-deterministic) parameters.
-
-        With ``prior_precision`` δ (per block (n_blocks,) or a scalar; may require grad) and a
-        ``statistic_scale`` c (may require grad), log det((N/τ)(c S + τδ/N + γ)) instead, computed
-        as Σ log((N/τ) c e(λ/c)) from the kept eigenbases: exact for both Kronecker dampings, since
-        scaling G by c moves π to π/√c. Laplace's marginal likelihood differentiates through this.
-        """
-        scale = self._scale()
-        if prior_precision is None and isinstance(statistic_scale, (int, float)) and statistic_scale == 1.0:
-            damped = self._damped()
-            return sum((scale * damped[name]).log().sum() for _, name in self._random())
-        delta = self._prior if prior_precision is None else torch.as_tensor(prior_precision).expand(len(self.plans))
-        damping = delta * self.temperature / self._dataset_size + self._damping
-        total = delta.new_zeros((), dtype=torch.float64)
-        for i, name in self._random():
-            values = self._basis(name).eigenvalues(damping[i] / statistic_scale).clamp_min(PRECISION_FLOOR)
-            total = total + (scale * statistic_scale * values.double()).log().sum()
-        return total
-
-    def entropy(self) -> Tensor:
-        """Differential entropy of q in nats."""
-        n = sum(self.plans[i].numel for i, _ in self._random())
-        return 0.5 * n * math.log(2 * math.pi * math.e) - 0.5 * self.log_det_precision()
-
-    def kl_to_prior(self) -> Tensor:
-        """KL(q ‖ N(0, I/δ)) over the random parameters, δ per block."""
-        damped, scale, mean = self._damped(), self._scale(), self.mean()
-        total = mean.new_zeros(())
-        for i, name in self._random():
-            delta, precision = self._prior[i], scale * damped[name]
-            mu = mean[self._slices[name]]
-            k = mu.numel()
-            total = total + 0.5 * (
-                delta * (1 / precision).sum() + delta * mu.square().sum() - k - k * delta.log() + precision.log().sum()
-            )
-        return total
-
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Statistic, hyperparameters and structure (the mean lives in the module's state_dict)."""
+        self.follow_module()
         return posterior_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Load ``state_dict`` output; everything is checked first, so a mismatch changes nothing."""
+        self.follow_module()
         load_posterior_state(self, state)
 
     def check_state(self, state: dict, where: str = "posterior state") -> None:
         """ValueError naming the first entry of ``state`` that ``load_state_dict`` would refuse."""
+        self.follow_module()
         check_posterior_state(self, state, where)
 
     def __repr__(self) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
+
+from bayesso.placement import converted
 
 __all__ = ["Eigenbasis", "symmetric_eigh"]
 
@@ -71,6 +74,12 @@ class Eigenbasis(ABC):
         A subclass may solve faster without the eigenvalues.
         """
         return self.from_eigenbasis(self.to_eigenbasis(v) / eigenvalues)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Eigenbasis:
+        """A copy with every tensor on ``device`` in ``dtype`` (converted, not recomputed; ``self`` is kept)."""
+        moved = copy.copy(self)
+        vars(moved).update(converted(vars(self), device, dtype))
+        return moved
 
     def dense(self, weights: Tensor) -> Tensor:
         """Q diag(weights) Qᵀ, shape (numel, numel)."""

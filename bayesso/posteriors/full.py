@@ -47,15 +47,15 @@ class FullGaussian(Posterior):
         self.max_dense_bytes = max_dense_bytes
         super().__init__(module, **kwargs)
 
-    def _check_plans(self) -> None:
-        itemsize = torch.finfo(self.dtype).bits // 8
+    def _check_plans(self, dtype: torch.dtype) -> None:
+        itemsize = torch.finfo(dtype).bits // 8
         for plan in self.plans:
             size = plan.numel**2 * itemsize
             if size > self.max_dense_bytes:
                 raise ValueError(
                     f"FullGaussian needs a {plan.numel:,} x {plan.numel:,} block for module {plan.label()}: "
-                    f"{size / 2**30:.2f} GiB, above max_dense_bytes={self.max_dense_bytes / 2**30:.2f} GiB. Use "
-                    "KroneckerGaussian or DiagonalGaussian, restrict modules=..., or raise max_dense_bytes."
+                    f"{size / 2**30:.2f} GiB in {dtype}, above max_dense_bytes={self.max_dense_bytes / 2**30:.2f} GiB. "
+                    "Use KroneckerGaussian or DiagonalGaussian, restrict modules=..., or raise max_dense_bytes."
                 )
 
     def _eigenbasis(self, block: Block) -> Eigenbasis:

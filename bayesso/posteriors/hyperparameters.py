@@ -14,11 +14,13 @@ __all__ = ["Hyperparameters"]
 
 
 class Hyperparameters:
-    """Mixin of ``Posterior``: needs ``plans``, ``dtype``, ``deterministic`` and an initial ``_prior`` tensor."""
+    """Mixin of ``Posterior``: needs ``plans``, ``dtype``, ``deterministic``, ``follow_module`` and an initial
+    ``_prior`` tensor."""
 
     @property
     def prior_precision(self) -> Tensor:
         """δ per module block, shape (n_blocks,)."""
+        self.follow_module()
         return self._prior
 
     @prior_precision.setter
@@ -76,6 +78,7 @@ class Hyperparameters:
 
     def block_damping(self) -> Tensor:
         """λ_m = τ δ_m / N + γ per block (no prior term for deterministic blocks)."""
+        self.follow_module()
         has_prior = torch.tensor([p.name not in self.deterministic for p in self.plans], device=self._prior.device)
         return self._prior * has_prior / self._scale() + self._damping
 

@@ -1,4 +1,4 @@
-"""Linearized (GLM) and probit predictives (ALGORITHMS.md section 4).
+"""Linearized (GLM) and probit predictives (docs/predictives.md §2).
 
 Linearizing the network at the posterior mean μ gives Gaussian outputs
 f ~ N(f(x; μ), J Σ Jᵀ) with J = ∂f/∂θ at μ. Kronecker blocks of Linear layers use their
@@ -108,7 +108,8 @@ def linearized_predictive(
         return Predictive(mean=mean, aleatoric=aleatoric, epistemic=epistemic, output_covariance=covariance)
     values, vectors = torch.linalg.eigh(covariance)
     root = vectors * values.clamp_min(0).sqrt().unsqueeze(1)  # root rootᵀ = covariance
-    eps = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+    where = mean.device if generator is None else generator.device  # a CPU generator serves any device
+    eps = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=where, generator=generator).to(mean.device)
     draws = mean + torch.einsum("bij,sbj->sbi", root, eps)
     average = DrawAverage(likelihood, keep_samples)
     average.add(draws.reshape(n_samples, *shape))

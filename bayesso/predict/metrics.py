@@ -1,4 +1,4 @@
-"""Calibration and OOD metrics on torch tensors, CPU or GPU (ALGORITHMS.md section 5).
+"""Calibration and OOD metrics on torch tensors, CPU or GPU (docs/metrics.md).
 
 ``probs`` are predictive probabilities (N, C), averaged over posterior samples (not
 logits); ``targets`` integer labels (N,). Logs are natural. Every metric returns a
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from bayesso.batches import check_batch, check_loader, describe, located, split_batch
+from bayesso.batches import check_batch, check_loader, describe, located, split_batch, transfer
 from bayesso.likelihoods import Heteroscedastic, Regression
+from bayesso.progress import check_progress, track
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
@@ -200,19 +200,21 @@ def classification_metrics(
 def evaluate(
     model: BayesianModel,
     loader: Iterable,
-    method: str = "mc",
+    method: str | None = None,
     n_samples: int = 32,
     ood_loader: Iterable | None = None,
     n_bins: int = 15,
     generator: torch.Generator | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Predict every (x, y) batch of ``loader`` with ``model.predict`` and summarise.
 
     Classification and binary: ``classification_metrics`` (OOD metrics on the inputs of
     ``ood_loader``). Regression and heteroscedastic: rmse of the mean and the Gaussian predictive
-    nll per example (summed over outputs, total variance aleatoric + epistemic).
+    nll per example (summed over outputs, total variance aleatoric + epistemic). ``progress``: a bar
+    over the batches (``bayesso.progress``).
     """
+    check_progress(progress)
 
     likelihood = model.likelihood
     check_loader(loader)
@@ -220,7 +222,7 @@ def evaluate(
         check_loader(ood_loader, what="ood_loader")
 
     def predictions(batches: Iterable, what: str):
-        for index, batch in enumerate(tqdm(batches, desc=f"evaluate {what}", disable=not progress, leave=False)):
+        for index, batch in enumerate(track(batches, f"evaluate {what}", progress)):
             with located(f"evaluate, {what} batch {index + 1}"):
                 x, y = split_batch(batch) if what == "test" else (_inputs(batch), None)
                 if y is not None:
@@ -228,6 +230,7 @@ def evaluate(
                 predictive = model.predict(x, n_samples=n_samples, method=method, generator=generator)
                 if y is not None:  # the targets against the predictive's outputs (probabilities or means)
                     outputs = predictive.mean if predictive.mean is not None else predictive.probs
+                    y = transfer(y, outputs.device, None)  # predict moved x to the module's device
                     if isinstance(likelihood, Heteroscedastic):  # checked in the layout (μ, s) of its outputs
                         outputs = torch.cat([outputs, predictive.aleatoric.log()], dim=-1)
                     likelihood.check(outputs, y, require_finite=False)

@@ -2,7 +2,9 @@
 
 One scalar T > 0 divides the logits, p = softmax(z / T) (sigmoid for binary logits),
 and is fitted by minimising the NLL on held-out data. The NLL is convex in 1/T, so a
-bounded scalar search over log T finds the global minimum.
+bounded scalar search over log T finds the global minimum (docs/metrics.md §6).
+Held-out labels of a single class cannot calibrate anything: ``warn_if_single_class``
+says so, here and wherever else labels are fitted for calibration.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torch import Tensor
 
-__all__ = ["TemperatureScaling"]
+__all__ = ["TemperatureScaling", "warn_if_single_class"]
 
 
 class TemperatureScaling:
@@ -29,11 +31,15 @@ class TemperatureScaling:
         self.temperature = _positive("temperature", temperature)
 
     def fit(self, logits: Tensor, targets: Tensor, bounds: tuple[float, float] = (0.01, 100.0)) -> TemperatureScaling:
-        """Fit T on held-out ``logits`` (N, C) or binary (N,) and integer ``targets`` (N,); returns self."""
+        """Fit T on held-out ``logits`` (N, C) or binary (N,) and integer ``targets`` (N,); returns self.
+
+        Warns when T ends at an edge of ``bounds`` or when ``targets`` hold a single class.
+        """
         logits, targets = _check(logits, targets)
         low, high = (_positive("bounds", b) for b in bounds)
         if low >= high:
             raise ValueError(f"bounds must be (low, high) with low < high, got {bounds}")
+        warn_if_single_class(targets, "TemperatureScaling.fit")
 
         def objective(log_t: float) -> float:
             return _nll(logits / math.exp(log_t), targets)
@@ -60,6 +66,24 @@ class TemperatureScaling:
 
     def __repr__(self) -> str:
         return f"TemperatureScaling(temperature={self.temperature:.4g})"
+
+
+def warn_if_single_class(targets: Tensor, fitter: str, stacklevel: int = 3) -> None:
+    """A ``UserWarning`` naming ``fitter`` and the class when the labels ``targets`` (any shape) hold one class.
+
+    A calibration map fitted on one class only learns to make that class likely (e.g. T -> 0).
+    """
+    classes = torch.unique(targets.detach())
+    if classes.numel() == 1:
+        label = classes.item()
+        label = int(label) if float(label).is_integer() else label
+        warnings.warn(
+            f"{fitter}: all {targets.numel()} held-out labels are class {label}; a calibration fitted on a single "
+            "class only learns to make that class likely, so the result is meaningless. Hold out examples of every "
+            "class (a random or stratified split, not a slice of data ordered by class)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _nll(logits: Tensor, targets: Tensor) -> float:

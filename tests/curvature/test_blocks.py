@@ -114,3 +114,16 @@ def test_combining_different_blocks_is_an_error():
         diag + DiagBlock(("v",), ((3,),), torch.ones(3))
     with pytest.raises(ValueError, match="cannot combine"):
         diag + DenseBlock(("w",), ((3,),), torch.eye(3))
+
+
+@pytest.mark.parametrize("groups,has_weight,has_bias", [(1, True, True), (2, True, False), (3, False, True)])
+def test_isotropic_block_is_value_times_identity_for_every_structure(groups, has_weight, has_bias):
+    kron = kron_block(groups=groups, has_weight=has_weight, has_bias=has_bias)
+    diag = DiagBlock(kron.names, kron.shapes, torch.rand(kron.numel, dtype=torch.float64))
+    dense = DenseBlock(kron.names, kron.shapes, random_spd(kron.numel, kron.numel))
+    eye = torch.eye(kron.numel, dtype=torch.float64)
+    for block in (kron, diag, dense):
+        iso = block.isotropic(0.3)
+        assert type(iso) is type(block) and iso.names == block.names
+        torch.testing.assert_close(iso.to_dense(), 0.3 * eye, **TOL)
+    torch.testing.assert_close(dense_by_definition(kron.isotropic(0.3)), 0.3 * eye, **TOL)

@@ -2,7 +2,7 @@
 
 The references build the layer's input vectors with explicit loops over kernel
 offsets (not F.unfold) and the output-side gradients with ``torch.func.vjp`` of
-the rest of the network, then apply ALGORITHMS.md section 1:
+the rest of the network, then apply docs/curvature.md §3:
 expand: A = mean_{i,r} a a^T, G = sum_{i,r,k} g g^T;
 reduce: A = mean_i a_bar a_bar^T (a_bar = mean_r a), G = sum_{i,k} g_bar g_bar^T (g_bar = sum_r g).
 """

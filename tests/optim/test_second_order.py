@@ -229,7 +229,7 @@ def test_bad_hyperparameters_and_non_finite_steps():
     case = CASES_BY_NAME["mlp"]
     module, x, y = case.data(batch_size=8)
     for options, message in [
-        ({"lr": 0.0}, "lr must be positive and finite, got 0.0"),
+        ({"lr": -0.5}, "lr must be non-negative and finite, got -0.5"),
         ({"damping": -1.0}, "damping must be non-negative and finite, got -1.0"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
         ({"beta": 1.0}, r"beta must be in \[0, 1\)"),
@@ -245,7 +245,7 @@ def test_bad_hyperparameters_and_non_finite_steps():
             SecondOrderOptimizer(module, case.likelihood, **options)
     optimizer = SecondOrderOptimizer(module, case.likelihood)
     optimizer.param_groups[0]["lr"] = -1.0
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be non-negative and finite, got -1.0"):
         optimizer.step(_closure(optimizer, module, case.likelihood, x, y))
     optimizer.param_groups[0]["lr"] = 0.1
     with pytest.raises(ValueError, match="step\\(\\) needs a closure"):

@@ -239,8 +239,8 @@ def test_nonfinite_outputs_under_mc_fisher_capture_are_rejected_cleanly():
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(lr=0.0), "lr must be positive and finite, got 0.0"),
-        (dict(lr=-1e-3), "lr must be positive"),
+        (dict(lr=-1e-3), "lr must be non-negative and finite, got -0.001"),
+        (dict(lr=float("inf")), "lr must be non-negative and finite, got inf"),
         (dict(mc_samples=0), "mc_samples must be a positive integer, got 0"),
         (dict(prior_precision=-1.0), "prior_precision must be positive and finite"),
         (dict(dataset_size=0), "dataset_size must be a positive number, got 0"),
@@ -269,7 +269,7 @@ def test_presets_check_the_posterior_and_the_closure():
         VOGN(model).step()
     optimizer = VOGN(model)
     optimizer.param_groups[0]["lr"] = float("nan")
-    with pytest.raises(ValueError, match="lr must be positive and finite, got nan"):
+    with pytest.raises(ValueError, match="lr must be non-negative and finite, got nan"):
         optimizer.step(lambda: torch.tensor(0.0))
 
 

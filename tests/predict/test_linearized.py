@@ -84,7 +84,7 @@ def test_mc_converges_to_linearized_on_a_linear_model():
     model, _, _ = _linear_regression("full")
     x_new = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = model.predict(x_new, method="linearized")
-    mc = model.predict(x_new, n_samples=20000, generator=torch.Generator().manual_seed(0))
+    mc = model.predict(x_new, method="mc", n_samples=20000, generator=torch.Generator().manual_seed(0))
     standard_error = exact.epistemic.sqrt() / math.sqrt(20000)
     assert ((mc.mean - exact.mean).abs() < 5 * standard_error).all()
     torch.testing.assert_close(mc.epistemic, exact.epistemic, rtol=0.05, atol=0)  # var's rel. s.e. ~ 1%
@@ -99,7 +99,7 @@ def test_linearized_classification_equals_mc_over_weights_for_a_linear_model():
     model.posterior.update_statistic(curvature * (1 / 7))
     gen = torch.Generator().manual_seed(0)
     linearized = model.predict(x, n_samples=40000, method="linearized", generator=gen)
-    mc = model.predict(x, n_samples=40000, generator=gen)
+    mc = model.predict(x, method="mc", n_samples=40000, generator=gen)
     torch.testing.assert_close(linearized.probs, mc.probs, rtol=0, atol=0.01)
     assert (linearized.probs.max(1).values < 0.9).all()  # wide enough that the test means something
 
@@ -130,7 +130,7 @@ def test_probit_matches_the_expected_sigmoid_to_the_known_approximation_error(me
     assert error.max() > 1e-3  # an approximation, not the expectation itself
     sampled = model.predict(c, n_samples=40000, method="linearized", generator=torch.Generator().manual_seed(0))
     assert np.abs(sampled.probs.numpy() - reference).max() < 5 * 0.5 / math.sqrt(40000)
-    mc = model.predict(c, n_samples=40000, generator=torch.Generator().manual_seed(1))
+    mc = model.predict(c, method="mc", n_samples=40000, generator=torch.Generator().manual_seed(1))
     assert np.abs(mc.probs.numpy() - reference).max() < 5 * 0.5 / math.sqrt(40000)
 
 

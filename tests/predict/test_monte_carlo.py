@@ -44,7 +44,7 @@ def test_vectorised_and_looped_samples_equal_forwards_of_perturbed_modules(case,
 
 def test_averages_probabilities_not_logits():
     model, x, _ = fitted_bayesian_model()
-    predictive = model.predict(x, n_samples=8, generator=torch.Generator().manual_seed(0))
+    predictive = model.predict(x, method="mc", n_samples=8, generator=torch.Generator().manual_seed(0))
     logits = _looped(model, x, 8, seed=0)
     torch.testing.assert_close(predictive.probs, torch.softmax(logits, -1).mean(0))
     assert not torch.allclose(predictive.probs, torch.softmax(logits.mean(0), -1))
@@ -88,7 +88,9 @@ def test_models_vmap_cannot_run_fall_back_to_a_loop(caplog):
     model = BayesianModel(DataDependent().double(), "classification", "diag", prior_precision=4.0, dataset_size=3)
     x = torch.randn(5, 3, dtype=torch.float64)
     with caplog.at_level(logging.INFO, logger="bayesso.predict.monte_carlo"):
-        predictive = model.predict(x, n_samples=4, generator=torch.Generator().manual_seed(2), vectorize=True)
+        predictive = model.predict(
+            x, method="mc", n_samples=4, generator=torch.Generator().manual_seed(2), vectorize=True
+        )
     assert "using a loop over samples" in caplog.text
     torch.testing.assert_close(predictive.probs, torch.softmax(_looped(model, x, 4, seed=2), -1).mean(0))
 
@@ -97,7 +99,7 @@ def test_half_precision_models_predict_in_float32():
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(torch.bfloat16)
     model = BayesianModel(module, "classification", "diag", dataset_size=10)
-    predictive = model.predict(torch.randn(2, 3, dtype=torch.bfloat16), n_samples=3)
+    predictive = model.predict(torch.randn(2, 3, dtype=torch.bfloat16), n_samples=3, method="mc")
     assert predictive.probs.dtype == torch.float32
     torch.testing.assert_close(predictive.probs.sum(1), torch.ones(2))
 

@@ -1,5 +1,7 @@
 """Temperature scaling recovers a known temperature and never worsens the held-out NLL."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,3 +58,15 @@ def test_warns_at_the_edge_of_the_bounds():
     logits, targets = _overconfident(2000, 3, 50.0, seed=0)
     with pytest.warns(UserWarning, match="at the edge of bounds"):
         TemperatureScaling().fit(logits, targets, bounds=(0.5, 5.0))
+
+
+def test_a_single_held_out_class_is_warned_about_naming_the_function_and_the_class():
+    logits, targets = _overconfident(300, 4, 1.0, seed=2)
+    only = targets == 2
+    with pytest.warns(UserWarning, match=r"TemperatureScaling.fit: all \d+ held-out labels are class 2"):
+        TemperatureScaling().fit(logits[only], targets[only])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*held-out labels are class")
+        TemperatureScaling().fit(logits, targets)  # several classes: no such warning
+    with pytest.warns(UserWarning, match="held-out labels are class 1"):  # binary logits, one label
+        TemperatureScaling().fit(logits[:, 0], torch.ones(300, dtype=torch.long))
