@@ -251,7 +251,7 @@ class IVON(_Preset):
         posterior = self.posterior
         beta2 = self.param_groups[0]["betas"][1]
         block = posterior.statistic.blocks
-        damping = torch.cat([lam.expand(p.numel) for lam, p in zip(posterior.block_damping(), posterior.plans)])
+        damping = posterior.flat_damping()[0]
         h = torch.cat([block[p.name].values for p in posterior.plans])
         h = ivon_hessian_update(h, estimate, beta2, damping)
         slices = zip(posterior.plans, posterior.block_slices())
@@ -260,7 +260,10 @@ class IVON(_Preset):
         super()._update(grad, None, None)
 
     def _direction(self, velocity: Tensor) -> Tensor:
-        return super()._direction(velocity).clamp(-self.clip_radius, self.clip_radius)
+        direction = super()._direction(velocity)
+        if self.clip_radius == float("inf"):  # clamping to ±inf changes nothing
+            return direction
+        return direction.clamp(-self.clip_radius, self.clip_radius)
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -73,7 +73,8 @@ class VIOptimizer(torch.optim.Optimizer):
             step is taken at the mean and the statistic starts at the first estimate. A posterior
             that already has a statistic (after ``fit_laplace`` or an earlier fit) keeps it.
         curv_interval: refresh the statistic every so many steps.
-        inv_interval: refresh the statistic's decomposition every so many steps.
+        inv_interval: refresh the statistic's decomposition every so many steps (stale in between, as
+            K-FAC's inverses); None takes the posterior's ``default_inv_interval`` (full blocks: 10, else 1).
         accumulation_steps: micro-batches (equal sizes) per update; each draws fresh samples.
         skip_nonfinite: skip steps with a non-finite loss, gradient or statistic (counted in
             ``skipped_steps``) instead of raising ``FloatingPointError``.
@@ -109,7 +110,7 @@ class VIOptimizer(torch.optim.Optimizer):
         deterministic_batchnorm: bool = True,
         init_precision: float | None = None,
         curv_interval: int = 1,
-        inv_interval: int = 1,
+        inv_interval: int | None = None,
         accumulation_steps: int = 1,
         skip_nonfinite: bool = False,
         seed: int = 0,
@@ -119,6 +120,8 @@ class VIOptimizer(torch.optim.Optimizer):
         kl_clip: float | None = None,
     ) -> None:
         require_bayesian_model(model, type(self).__name__)
+        if inv_interval is None:
+            inv_interval = model.posterior.default_inv_interval
         check_non_negative("lr", lr)
         check_positive("mc_samples", mc_samples, integer=True)
         for name, value in (("curv_interval", curv_interval), ("inv_interval", inv_interval)):
@@ -278,9 +281,7 @@ class VIOptimizer(torch.optim.Optimizer):
 
     def _prior_gradient(self, mean: Tensor) -> Tensor:
         """δ̃ μ per block (no prior for deterministic blocks)."""
-        posterior = self.posterior
-        per_block = posterior.block_damping() - posterior.damping
-        return torch.cat([(mean[where] * value) for value, where in zip(per_block, posterior.block_slices())])
+        return mean * self.posterior.flat_damping()[1]
 
     def _update(self, grad: Tensor, curvature, estimate) -> None:
         """The statistic, then the mean; the new mean is checked before it is written."""

@@ -55,6 +55,7 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
     """
 
     structure: str
+    default_inv_interval = 1  # VIOptimizer's decomposition refresh interval when it is given None
 
     def __init__(
         self,
@@ -190,16 +191,17 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
     def _damped(self) -> dict[str, Tensor]:
         """Per-example damped eigenvalues e_m of S_m + λ_m per block (cached while nothing changes)."""
         self.follow_module()
-        key = (
+        key = (  # the prior tensor itself, not its id: a freed tensor's id can be reused by the next one
             self._revision,
-            id(self._prior),
+            self._prior,
             self._prior._version,
             self._dataset_size,
             self._temperature,
             self._damping,
             frozenset(self.deterministic),
         )
-        if self._damped_cache is not None and self._damped_cache[0] == key and not self._prior.requires_grad:
+        cached = self._damped_cache
+        if cached is not None and not self._prior.requires_grad and all(map(_same, cached[0], key)):
             return self._damped_cache[1]
         damping = self.block_damping()
         damped = {
@@ -368,3 +370,8 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
             f"{type(self).__name__}(P={self.numel:,}, blocks={len(self.plans)}, N={self._dataset_size}, "
             f"temperature={self._temperature}, damping={self._damping})"
         )
+
+
+def _same(a, b) -> bool:
+    """Entries of a cache key: tensors by identity, everything else by value."""
+    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b

@@ -34,7 +34,8 @@ class Devices:
 
     def placement(self) -> tuple[torch.device, torch.dtype]:
         """(device, dtype) the posterior's tensors belong in, given where the module's parameters are now."""
-        first = self.plans[0].parameters[0]
+        plan = self.plans[0]
+        first = getattr(plan.module, plan.local[0])  # plan.parameters[0] without listing the rest (called often)
         return first.device, state_dtype(first.dtype)
 
     def follow_module(self) -> None:

@@ -82,6 +82,24 @@ class Hyperparameters:
         has_prior = torch.tensor([p.name not in self.deterministic for p in self.plans], device=self._prior.device)
         return self._prior * has_prior / self._scale() + self._damping
 
+    def flat_damping(self) -> tuple[Tensor, Tensor]:
+        """(λ, λ - γ) per parameter, two flat (P,) vectors of ``block_damping`` values, kept until a hyperparameter
+        or the set of deterministic blocks changes (recomputed every call while δ requires grad)."""
+        self.follow_module()
+        prior = self._prior
+        key = (prior._version, self._dataset_size, self._temperature, self._damping, frozenset(self.deterministic))
+        cached = getattr(self, "_flat_damping_cache", None)  # (δ tensor itself, not its id, which can be reused)
+        if cached is not None and cached[0] is prior and cached[1] == key and not prior.requires_grad:
+            return cached[2]
+        damping = self.block_damping()
+        sizes = [plan.numel for plan in self.plans]
+        flat = tuple(
+            torch.cat([value.expand(size) for value, size in zip(values, sizes)])
+            for values in (damping, damping - self._damping)
+        )
+        self._flat_damping_cache = (prior, key, flat)
+        return flat
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -9,6 +9,7 @@ from torch import nn
 from bayesso import BayesianModel
 from bayesso.optim import IVON, VOGN, NoisyAdam, NoisyKFAC, VIOptimizer
 from bayesso.optim.ivon import ivon_hessian_update
+from tests.cases import CASES_BY_NAME
 
 
 def linear_regression(n=40, sigma=0.5, delta=2.0, seed=0):
@@ -301,3 +302,66 @@ def test_kl_clip_bounds_the_step_in_the_posterior_metric():
     assert float(step @ metric @ step) == pytest.approx(1e-3, rel=1e-4)  # α² vᵀ(S + λ)⁻¹v = κ exactly
     with pytest.raises(ValueError, match="kl_clip must be positive"):
         VOGN(model, kl_clip=0.0)
+
+
+def _diagonal_vi_reference(net, x, y, lr, delta, n, tau, gamma, h0, betas, momentum, steps, seed):
+    """docs/vi.md §1 on flat float64 vectors, per-example gradients by a loop: λ = τδ/N + γ per block,
+    θ = μ + ε/sqrt((N/τ)(S + λ)), S <- β2 S + (1 - β2) mean_i g_i², m <- β1 m + d (raw) or the bias-corrected
+    EMA of d (adam), d = ĝ + (τδ/N) μ, μ <- μ - α m̂/(S + λ)."""
+    generator, twin = torch.Generator().manual_seed(seed), copy.deepcopy(net)
+    params = list(net.parameters())
+    prior = torch.cat(
+        [torch.full((p.numel(),), delta[i // 2] * tau / n, dtype=torch.float64) for i, p in enumerate(params)]
+    )
+    mu = torch.nn.utils.parameters_to_vector(params).detach()
+    s, m = torch.full_like(mu, h0), torch.zeros_like(mu)
+    for t in range(1, steps + 1):
+        eps = torch.randn(1, mu.numel(), dtype=torch.float64, generator=generator)[0]
+        torch.nn.utils.vector_to_parameters(mu + eps / (n / tau * (s + prior + gamma)).sqrt(), twin.parameters())
+        per_example = [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                nn.functional.cross_entropy(twin(x[i : i + 1]), y[i : i + 1]), list(twin.parameters())
+            )])
+            for i in range(len(y))
+        ]  # fmt: skip
+        grad = torch.stack(per_example).mean(0)
+        s = betas[1] * s + (1 - betas[1]) * torch.stack(per_example).square().mean(0)
+        direction = grad + prior * mu
+        m = betas[0] * m + direction if momentum == "raw" else betas[0] * m + (1 - betas[0]) * direction
+        velocity = m if momentum == "raw" else m / (1 - betas[0] ** t)
+        mu = mu - lr * velocity / (s + prior + gamma)
+    return mu, s
+
+
+@pytest.mark.parametrize("momentum", ["raw", "adam"])
+def test_diagonal_steps_follow_the_vi_equations_with_per_block_priors(momentum):
+    """VOGN (raw momentum) and noisy Adam's update (adam momentum; empirical Fisher so the labels are known)."""
+    net, x, y = CASES_BY_NAME["mlp"].data(batch_size=6)  # Linear(5, 4), Tanh, Linear(4, 3), float64
+    lr, delta, n, tau, gamma, h0, betas = 0.05, (3.0, 0.5), 30, 0.7, 1e-2, 0.4, (0.8, 0.9)
+    reference = _diagonal_vi_reference(copy.deepcopy(net), x, y, lr, delta, n, tau, gamma, h0, betas, momentum, 3, 5)
+    model = BayesianModel(net, "classification", posterior="diag", prior_precision={"0": delta[0], "2": delta[1]})
+    optimizer = VIOptimizer(model, lr, betas=betas, momentum=momentum, damping=gamma, dataset_size=n,
+                            temperature=tau, init_precision=h0, seed=5)  # fmt: skip
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    start = model.posterior.mean()
+    for _ in range(3):
+        optimizer.step(closure)
+    torch.testing.assert_close(model.posterior.mean(), reference[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model.posterior.statistic.diagonal(), reference[1], rtol=1e-12, atol=1e-14)
+    assert (model.posterior.mean() - start).abs().max() > 1e-3  # the steps moved the mean
+
+
+@pytest.mark.parametrize("structure, default", [("diag", 1), ("kron", 1), ("full", 10)])
+def test_inv_interval_defaults_to_the_posteriors_and_is_checked(structure, default):
+    model, _, _ = classifier(structure)
+    assert model.posterior.default_inv_interval == default
+    assert VOGN(model).inv_interval == default and VOGN(model, inv_interval=3).inv_interval == 3
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=f"inv_interval must be a positive integer, got {bad}"):
+            VOGN(model, inv_interval=bad)

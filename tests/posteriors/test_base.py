@@ -211,3 +211,17 @@ def test_snapshot_and_restore_cover_hyperparameters_and_statistic():
         posterior.damping = 0.25
         posterior.temperature = -1.0
     assert posterior.damping == GAMMA
+
+
+@pytest.mark.parametrize("structure", FAMILIES)
+def test_the_damped_cache_never_serves_an_earlier_prior(structure):
+    """Set the prior many times, sometimes twice without a use in between (where a freed tensor's id
+    could come back): every use must see the prior set last."""
+    posterior, statistic = fitted(structure)
+    generator = torch.Generator().manual_seed(0)
+    for round_ in range(60):
+        posterior.prior_precision = float(torch.rand((), generator=generator, dtype=torch.float64)) * 10 + 0.1
+        if round_ % 3 == 0:
+            continue  # set again before any use
+        expected = torch.linalg.inv(expected_precision(posterior, statistic)).diagonal()
+        torch.testing.assert_close(posterior.variance(), expected, rtol=1e-7, atol=1e-10)
