@@ -48,8 +48,9 @@ class CalibrationCallback(pl.Callback):
         model: the ``BayesianModel`` (or ``Ensemble``) to score; None: the one that the trainer's VI
             optimizer trains (its ``model``).
         loader: (x, y) batches; None: the trainer's validation loader.
-        method: "mc", "linearized", "probit", or "map" (the module's own weights, no sampling: a
-            network trained by ``SecondOrderOptimizer``). n_samples, n_bins: as in ``evaluate``.
+        method: None (``predict``'s default: probit for classes), "mc", "linearized", "probit", or "map"
+            (the module's own weights, no sampling: a network trained by ``SecondOrderOptimizer``).
+        n_samples, n_bins: as in ``evaluate``.
         seed: each evaluation draws its weight samples from a generator seeded with ``seed``, so
             epochs are compared on the same noise.
         prefix: the logged names are ``prefix`` + "ece", "nll", "accuracy", "brier", ... (regression:
@@ -64,7 +65,7 @@ class CalibrationCallback(pl.Callback):
         self,
         model: BayesianModel | Ensemble | None = None,
         loader: Iterable | None = None,
-        method: str = "mc",
+        method: str | None = None,
         n_samples: int = 32,
         n_bins: int = 15,
         seed: int = 0,
@@ -72,7 +73,7 @@ class CalibrationCallback(pl.Callback):
     ) -> None:
         if model is not None and not isinstance(model, (BayesianModel, Ensemble)):
             raise ValueError(f"model must be a BayesianModel, an Ensemble or None, got {type(model).__name__}")
-        if method not in ENSEMBLE_PREDICTIVES:
+        if method is not None and method not in ENSEMBLE_PREDICTIVES:
             raise ValueError(f"method must be one of {', '.join(map(repr, ENSEMBLE_PREDICTIVES))}; got {method!r}")
         check_n_samples(n_samples)
         check_n_samples(n_bins, "n_bins")

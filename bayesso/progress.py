@@ -46,7 +46,6 @@ def track(items: Iterable[T], desc: str, progress: bool, total: int | None = Non
 
     ``total`` defaults to ``len(items)`` when ``items`` has a length.
     """
-    check_progress(progress)
     return _counted(items, progress_bar(known_length(items) if total is None else total, desc, progress))
 
 

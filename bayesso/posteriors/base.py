@@ -35,7 +35,7 @@ from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
 from bayesso.placement import state_dtype
 from bayesso.posteriors.devices import Devices
 from bayesso.posteriors.eigenbasis import Eigenbasis
-from bayesso.posteriors.hyperparameters import Hyperparameters
+from bayesso.posteriors.hyperparameters import Hyperparameters, same_key
 from bayesso.posteriors.measures import PRECISION_FLOOR, GaussianMeasures
 from bayesso.posteriors.state import check_posterior_state, load_posterior_state, posterior_state
 
@@ -90,6 +90,7 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         self._decomposed: Curvature | None = None  # statistic the bases come from, when kept stale
         self._revision = 0  # bumped whenever the statistic or its decomposition changes
         self._damped_cache: tuple | None = None
+        self._flat_damping_cache: tuple | None = None
 
     # ---- statistic and decompositions --------------------------------------------------------
     def _check_plans(self, dtype: torch.dtype) -> None:
@@ -191,17 +192,9 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
     def _damped(self) -> dict[str, Tensor]:
         """Per-example damped eigenvalues e_m of S_m + λ_m per block (cached while nothing changes)."""
         self.follow_module()
-        key = (  # the prior tensor itself, not its id: a freed tensor's id can be reused by the next one
-            self._revision,
-            self._prior,
-            self._prior._version,
-            self._dataset_size,
-            self._temperature,
-            self._damping,
-            frozenset(self.deterministic),
-        )
+        key = (self._revision, *self._cache_key())
         cached = self._damped_cache
-        if cached is not None and not self._prior.requires_grad and all(map(_same, cached[0], key)):
+        if cached is not None and not self._prior.requires_grad and same_key(cached[0], key):
             return self._damped_cache[1]
         damping = self.block_damping()
         damped = {
@@ -370,8 +363,3 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
             f"{type(self).__name__}(P={self.numel:,}, blocks={len(self.plans)}, N={self._dataset_size}, "
             f"temperature={self._temperature}, damping={self._damping})"
         )
-
-
-def _same(a, b) -> bool:
-    """Entries of a cache key: tensors by identity, everything else by value."""
-    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b

@@ -10,12 +10,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["Hyperparameters"]
+__all__ = ["Hyperparameters", "same_key"]
 
 
 class Hyperparameters:
-    """Mixin of ``Posterior``: needs ``plans``, ``dtype``, ``deterministic``, ``follow_module`` and an initial
-    ``_prior`` tensor."""
+    """Mixin of ``Posterior``: needs ``plans``, ``dtype``, ``deterministic``, ``follow_module``, an initial
+    ``_prior`` tensor and ``_flat_damping_cache`` (None at first)."""
 
     @property
     def prior_precision(self) -> Tensor:
@@ -82,23 +82,35 @@ class Hyperparameters:
         has_prior = torch.tensor([p.name not in self.deterministic for p in self.plans], device=self._prior.device)
         return self._prior * has_prior / self._scale() + self._damping
 
+    def _cache_key(self) -> tuple:
+        """What every value derived from the hyperparameters depends on: δ (the tensor itself, not its id,
+        which a later tensor can reuse, and its in-place version), N, τ, γ and the deterministic blocks.
+        Compare keys with ``same_key``."""
+        prior, deterministic = self._prior, frozenset(self.deterministic)
+        return prior, prior._version, self._dataset_size, self._temperature, self._damping, deterministic
+
     def flat_damping(self) -> tuple[Tensor, Tensor]:
-        """(λ, λ - γ) per parameter, two flat (P,) vectors of ``block_damping`` values, kept until a hyperparameter
-        or the set of deterministic blocks changes (recomputed every call while δ requires grad)."""
+        """(λ, λ - γ) per parameter, two flat (P,) vectors of ``block_damping`` values, kept until ``_cache_key``
+        changes (recomputed every call while δ requires grad)."""
         self.follow_module()
-        prior = self._prior
-        key = (prior._version, self._dataset_size, self._temperature, self._damping, frozenset(self.deterministic))
-        cached = getattr(self, "_flat_damping_cache", None)  # (δ tensor itself, not its id, which can be reused)
-        if cached is not None and cached[0] is prior and cached[1] == key and not prior.requires_grad:
-            return cached[2]
+        key, cached = self._cache_key(), self._flat_damping_cache
+        if cached is not None and not self._prior.requires_grad and same_key(cached[0], key):
+            return cached[1]
         damping = self.block_damping()
         sizes = [plan.numel for plan in self.plans]
         flat = tuple(
             torch.cat([value.expand(size) for value, size in zip(values, sizes)])
             for values in (damping, damping - self._damping)
         )
-        self._flat_damping_cache = (prior, key, flat)
+        self._flat_damping_cache = (key, flat)
         return flat
+
+
+def same_key(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys are equal: tensors by identity, everything else by value."""
+    return len(a) == len(b) and all(
+        x is y if isinstance(x, Tensor) or isinstance(y, Tensor) else x == y for x, y in zip(a, b)
+    )
 
 
 def _is_number(value) -> bool:
