@@ -50,7 +50,8 @@ class CalibrationCallback(pl.Callback):
         loader: (x, y) batches; None: the trainer's validation loader.
         method: None (``predict``'s default: probit for classes), "mc", "linearized", "probit", or "map"
             (the module's own weights, no sampling: a network trained by ``SecondOrderOptimizer``).
-        n_samples, n_bins: as in ``evaluate``.
+        n_samples: weight samples per prediction, as in ``evaluate``.
+        n_bins: ECE bins, as in ``evaluate``.
         seed: each evaluation draws its weight samples from a generator seeded with ``seed``, so
             epochs are compared on the same noise.
         prefix: the logged names are ``prefix`` + "ece", "nll", "accuracy", "brier", ... (regression:
