@@ -10,7 +10,10 @@ of all ranks' examples and samples), so the result, and with it the posterior or
 optimizer state, is the same on every rank.
 
 Tensors are packed into flat buckets of at most ``bucket_bytes`` and each bucket is one
-collective. Initialisation (``init``): an existing process group, the torchrun
+collective. Posterior eigendecompositions are divided across the ranks (``bayesso.sharding``):
+each block's owner decomposes it and broadcasts the result.
+
+Initialisation (``init``): an existing process group, the torchrun
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or an MPI launch through
 mpi4py (the ``mpi`` extra), which only supplies ranks and the rendezvous address.
 Backend: NCCL with CUDA, gloo otherwise. Without any of these, a one-process grid whose
@@ -207,6 +210,28 @@ class ProcessGrid:
                 flat /= self.world_size
             for i, part in zip(bucket, flat.split([tensors[i].numel() for i in bucket])):
                 out[i] = part.view_as(tensors[i])
+        return out
+
+    def broadcast(self, tensors: list[Tensor], src: int) -> list[Tensor]:
+        """Rank ``src``'s ``tensors`` on every rank, in flat buckets as ``all_reduce``; every rank passes tensors of
+        the same shapes, dtypes and order (the values of the others are ignored). Rank ``src`` gets its own back."""
+        if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < self.world_size:
+            raise ValueError(f"src must be a rank in [0, {self.world_size}), got {src!r}")
+        if not self.active:
+            return list(tensors)
+        root = src if self.group is None else dist.get_global_rank(self.group, src)
+        out: list[Tensor | None] = [None] * len(tensors)
+        for bucket in self._buckets(tensors):
+            if src == self.rank:
+                flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+            else:
+                like = tensors[bucket[0]]
+                flat = like.new_empty(sum(tensors[i].numel() for i in bucket))
+            self._recent.append(flat)
+            dist.broadcast(flat, src=root, group=self.group)
+            self.bytes_communicated += flat.numel() * flat.element_size()
+            for i, part in zip(bucket, flat.split([tensors[i].numel() for i in bucket])):
+                out[i] = tensors[i] if src == self.rank else part.view_as(tensors[i])
         return out
 
     def _buckets(self, tensors: list[Tensor]) -> list[list[int]]:

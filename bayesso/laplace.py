@@ -95,7 +95,7 @@ def fit_laplace(
     )
     total, record = _summed_curvature(model, engine, loader, kind, generator, progress, grid or ProcessGrid())
     posterior.dataset_size = record.n_examples
-    posterior.update_statistic(total * (1.0 / record.n_examples))
+    posterior.update_statistic(total * (1.0 / record.n_examples), grid=grid)
     return posterior, record
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-IGNORED = {"_damped_cache", "_bases", "_inverses", "_warned", "_recent", "_position", "_what"}
+IGNORED = {"_damped_cache", "_flat_damping_cache", "_bases", "_inverses", "_warned", "_recent", "_position", "_what"}
 
 
 def snapshot(*objects) -> list:

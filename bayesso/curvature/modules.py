@@ -112,12 +112,17 @@ class AffineRule(ModuleRule):
         a, layout = prepared
         batch, positions, groups, features = a.shape
         rows = a.mean(dim=1) if approx == "reduce" else a.reshape(batch * positions, groups, features)
-        if layout.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], groups, 1)], dim=2)
         count = rows.shape[0]
-        if count < rows.shape[2]:  # scale whichever side is smaller
-            return torch.einsum("ngi,ngj->gij", rows / count, rows)
-        return torch.einsum("ngi,ngj->gij", rows, rows).div_(count)
+        scaled = rows / count if count < features else rows  # scale whichever side is smaller
+        inner = torch.einsum("ngi,ngj->gij", scaled, rows)
+        if count >= features:
+            inner.div_(count)
+        if not layout.has_bias:
+            return inner
+        # the appended 1 without copying the rows: [[aᵀa, aᵀ1], [1ᵀa, n]] / n
+        column = rows.mean(dim=0).unsqueeze(2)
+        corner = rows.new_ones(groups, 1, 1)
+        return torch.cat([torch.cat([inner, column], dim=2), torch.cat([column.transpose(1, 2), corner], dim=2)], dim=1)
 
     @staticmethod
     def output_factor(grads: Tensor, approx: str) -> Tensor:

@@ -106,22 +106,20 @@ def flat_gradient(params: list[Tensor]) -> Tensor:
 
 
 def nonfinite_part(loss: Tensor, grad: Tensor, curvature: Curvature | None, estimate: Tensor | None = None) -> str:
-    """Which of the step's quantities holds a NaN or an infinity ('' if none).
+    """Which of the step's quantities holds a NaN or an infinity ('' if none), in one host read when all are finite.
 
     A sum is non-finite exactly when an element is (barring overflow near 3e38), and a
-    reduction is an order of magnitude cheaper than ``isfinite().all()`` on CPU.
+    reduction is an order of magnitude cheaper than ``isfinite().all()`` on CPU. The parts'
+    sums are added into one number, read once; only if it is not finite is each part read.
     """
-    if not torch.isfinite(loss).all():
-        return "loss"
-    if not torch.isfinite(grad.sum()):
-        return "gradient"
+    sums = {"loss": loss.sum(), "gradient": grad.sum()}
     if curvature is not None:
-        total = sum(t.sum() for block in curvature.blocks.values() for t in block.tensors())
-        if not torch.isfinite(total):
-            return "curvature"
-    if estimate is not None and not torch.isfinite(estimate.sum()):
-        return "curvature estimate"
-    return ""
+        sums["curvature"] = sum(t.sum() for block in curvature.blocks.values() for t in block.tensors())
+    if estimate is not None:
+        sums["curvature estimate"] = estimate.sum()
+    if bool(torch.isfinite(sum(total.to(grad.dtype) for total in sums.values()))):
+        return ""
+    return next((name for name, total in sums.items() if not bool(torch.isfinite(total))), "")
 
 
 class MicroBatchSums:
@@ -161,4 +159,6 @@ class MicroBatchSums:
         self.__init__()
         if curvature is not None:
             curvature = curvature * (1.0 / curvature.n_examples)
+        if n == 1:
+            return grad, curvature, estimate
         return grad / n, curvature, None if estimate is None else estimate / n

@@ -73,7 +73,7 @@ def atomic_step(
     try:
         with grid.lockstep("optimizer step") as shared:
             loss, grad, curvature, estimate, size = evaluate()
-            shared.values = [float(loss)]
+            shared.values = [float(loss)] if grid.active else []  # no host read without other ranks
         if grid.active:
             loss = shared.totals[0] / grid.world_size
         grad, curvature, estimate = reduce_step(grid, loss, grad, curvature, estimate)

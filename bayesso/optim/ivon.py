@@ -30,7 +30,9 @@ def ivon_hessian_update(h: Tensor, estimate: Tensor, beta2: float, damping: Tens
     With x = (1-β2)(h - ĥ)/(h + λ), h' + λ = (h + λ)(½ + ½(1 - x)²) >= (h + λ)/2: the precision
     h + λ stays positive, and so does h itself when λ = 0.
     """
-    return beta2 * h + (1 - beta2) * estimate + 0.5 * (1 - beta2) ** 2 * (h - estimate).square() / (h + damping)
+    difference = h - estimate
+    updated = torch.add(estimate, difference, alpha=beta2)  # β2 h + (1-β2) ĥ
+    return updated.add_(difference.square_().div_(h + damping), alpha=0.5 * (1 - beta2) ** 2)
 
 
 class IVON(_Preset):
@@ -228,8 +230,8 @@ class IVON(_Preset):
             posterior.prior_precision = values
 
     def _learning_rates(self) -> float | Tensor:
-        """α: one param group's lr, or each group's lr over its block (P,)."""
-        if len(self.param_groups) == 1:
+        """α: the param groups' lr when they agree, else each group's lr over its block (P,)."""
+        if len({float(group["lr"]) for group in self.param_groups}) == 1:
             return super()._learning_rates()
         posterior = self.posterior
         device = posterior.parameters[0].device
@@ -240,12 +242,12 @@ class IVON(_Preset):
 
     # ---- the update ----------------------------------------------------------------------------
     def _sampling_scale(self) -> Tensor:
-        """1/σ per parameter (0 where σ = 0), for ĥ = ĝ ε / σ."""
-        variance = self.posterior.variance()
-        return torch.where(variance > 0, variance.clamp_min(torch.finfo(variance.dtype).tiny).rsqrt(), 0)
+        """1/σ per parameter (0 where σ = 0), for ĥ = ĝ ε / σ: with σ = (c e)^(-1/2), 1/σ = c e σ (c = N/τ)."""
+        values, std = self.posterior._flat_diagonal()
+        return torch.mul(values, std).mul_(self.posterior._scale())
 
     def _sample_statistic(self, grad: Tensor, eps: Tensor, scale: Tensor) -> Tensor:
-        return grad * eps * scale
+        return torch.mul(grad, eps).mul_(scale)
 
     def _update(self, grad: Tensor, curvature, estimate) -> None:
         posterior = self.posterior
@@ -258,6 +260,10 @@ class IVON(_Preset):
         updated = {p.name: block[p.name].with_tensors([h[where]]) for p, where in slices}
         posterior.update_statistic(posterior.statistic.with_blocks(updated))  # checked, and undone if the step fails
         super()._update(grad, None, None)
+
+    @property
+    def _plain_direction(self) -> bool:
+        return self.clip_radius == float("inf")
 
     def _direction(self, velocity: Tensor) -> Tensor:
         direction = super()._direction(velocity)

@@ -178,10 +178,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         refresh = self._step % self.inv_interval == 0
         if curvature is not None:
             beta = self.beta if preconditioner.initialized else 0.0
-            preconditioner.update_statistic(curvature, beta, refresh=refresh)
+            preconditioner.update_statistic(curvature, beta, refresh=refresh, grid=self.grid)
             self._stale = not refresh
         elif refresh and self._stale:
-            preconditioner.refresh()
+            preconditioner.refresh(self.grid)
             self._stale = False
         theta = preconditioner.mean()
         decay = group["weight_decay"]

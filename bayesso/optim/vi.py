@@ -19,7 +19,6 @@ and restores the mean afterwards.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -284,35 +283,52 @@ class VIOptimizer(torch.optim.Optimizer):
         return mean * self.posterior.flat_damping()[1]
 
     def _update(self, grad: Tensor, curvature, estimate) -> None:
-        """The statistic, then the mean; the new mean is checked before it is written."""
+        """The statistic, then the mean; the new mean is checked before it is written.
+
+        Every temporary is made once and then updated in place: each fresh (P,) tensor is another pass
+        over memory that is not in cache (docs/vi.md, "What a step costs").
+        """
         posterior, group = self.posterior, self.param_groups[0]
         beta1, beta2 = group["betas"]
         if curvature is not None:
-            posterior.update_statistic(curvature, beta2, refresh=self._step % self.inv_interval == 0)
+            posterior.update_statistic(curvature, beta2, refresh=self._step % self.inv_interval == 0, grid=self.grid)
         mean = posterior.mean()
-        prior = self._prior_gradient(mean)
-        direction = grad + prior if self.prior_in_momentum else grad
-        previous = torch.zeros_like(direction) if self._momentum is None else self._momentum
+        prior = self._prior_gradient(mean)  # a new tensor, free to be reused below
+        direction = prior.add_(grad) if self.prior_in_momentum else grad
+        previous = self._momentum
         if self.momentum_type == "raw":  # β1 m + d
-            momentum = torch.add(direction, previous, alpha=beta1)
+            momentum = direction if previous is None else torch.add(direction, previous, alpha=beta1)
             velocity = momentum
-        else:  # β1 m + (1 - β1) d
-            momentum = torch.lerp(direction, previous, beta1)
-            velocity = momentum / (1 - beta1 ** (self._step + 1))
-        if not self.prior_in_momentum:
+        else:  # β1 m + (1 - β1) d, bias-corrected
+            momentum = direction * (1 - beta1) if previous is None else torch.lerp(direction, previous, beta1)
+            correction = 1 / (1 - beta1 ** (self._step + 1))
+            if self.prior_in_momentum:
+                velocity = torch.mul(momentum, correction, out=direction)
+            else:
+                velocity = prior.add_(momentum, alpha=correction)
+        if not self.prior_in_momentum and self.momentum_type == "raw":
             velocity = velocity + prior
-        rates = self._learning_rates()
-        step = rates * self._direction(velocity)
-        if self.kl_clip is not None:  # α² vᵀ(S + λ)⁻¹v <= κ: the K-FAC trust region, in mean-loss units
-            quadratic = float((velocity * rates) @ step)
-            if quadratic > self.kl_clip:
-                step = step * math.sqrt(self.kl_clip / quadratic)
-        new = mean - step
+        new = self._moved_mean(mean, velocity, self._learning_rates())
         check_candidate(new, "update of the mean")
         posterior.set_mean(new)
         self._momentum = momentum
         if self.learn_prior is not None:
             posterior.prior_precision = prior_precision_update(posterior, self.learn_prior)
+
+    def _moved_mean(self, mean: Tensor, velocity: Tensor, rates: float | Tensor) -> Tensor:
+        """μ - α (S + λ)⁻¹ v, with the KL clip; ``mean`` is this step's copy and is overwritten."""
+        if self.kl_clip is None and isinstance(rates, (int, float)) and self._plain_direction:
+            flat = self.posterior._flat_diagonal()
+            if flat is not None:  # one fused pass
+                return mean.addcdiv_(velocity, flat[0], value=-rates)
+        direction = self._direction(velocity)  # a new tensor
+        step = direction.mul_(rates)
+        if self.kl_clip is not None:  # α² vᵀ(S + λ)⁻¹v <= κ: the K-FAC trust region, in mean-loss units
+            quadratic = velocity @ (step * rates) if isinstance(rates, Tensor) else (velocity @ step) * rates
+            step.mul_((self.kl_clip / quadratic).sqrt_().clamp_(max=1.0))  # no host read
+        return mean.sub_(step)
+
+    _plain_direction = True  # _direction is the posterior's preconditioning alone
 
     def _learning_rates(self) -> float | Tensor:
         """α, the param group's lr (the drop-in IVON's groups give one per block)."""

@@ -32,12 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
+from bayesso.distributed import ProcessGrid
 from bayesso.placement import state_dtype
 from bayesso.posteriors.devices import Devices
 from bayesso.posteriors.eigenbasis import Eigenbasis
 from bayesso.posteriors.hyperparameters import Hyperparameters, same_key
 from bayesso.posteriors.measures import PRECISION_FLOOR, GaussianMeasures
 from bayesso.posteriors.state import check_posterior_state, load_posterior_state, posterior_state
+from bayesso.sharding import shared_eighs
 
 __all__ = ["Posterior"]
 
@@ -97,17 +99,37 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         """Refuse unsupported blocks (with state in ``dtype``) before anything is allocated."""
 
     @abstractmethod
-    def _eigenbasis(self, block: Block) -> Eigenbasis:
-        """The eigenbasis of one block of the statistic."""
+    def _eigenbasis(self, block: Block, eighs: list[tuple[Tensor, Tensor]] | None = None) -> Eigenbasis:
+        """The eigenbasis of one block of the statistic; ``eighs``: ``symmetric_eigh`` of ``_factors(block)``,
+        computed elsewhere (None: decompose here; never passed for a block without factors)."""
 
-    def update_statistic(self, curvature: Curvature, beta: float = 0.0, refresh: bool = True) -> None:
+    def _factors(self, block: Block) -> list[Tensor]:
+        """The symmetric matrices (..., n, n) whose eigendecompositions the block's eigenbasis is built from, in
+        the order ``_eigenbasis`` takes them (none: it needs no decomposition, e.g. a diagonal block)."""
+        return []
+
+    def _eigenbases(self, blocks: dict[str, Block], grid: ProcessGrid | None) -> dict[str, Eigenbasis]:
+        """Every block's eigenbasis. Under an active ``grid`` each rank decomposes only the blocks it owns and
+        receives the others from their owners (``bayesso.sharding``), all or nothing across ranks."""
+        if grid is None or not grid.active:
+            return {name: self._eigenbasis(block) for name, block in blocks.items()}
+        eighs = shared_eighs({name: self._factors(block) for name, block in blocks.items()}, grid)
+        return {
+            name: self._eigenbasis(block, eighs[name]) if name in eighs else self._eigenbasis(block)
+            for name, block in blocks.items()
+        }
+
+    def update_statistic(
+        self, curvature: Curvature, beta: float = 0.0, refresh: bool = True, grid: ProcessGrid | None = None
+    ) -> None:
         """S <- beta * S + (1 - beta) * curvature (per-example scale); the first update copies.
 
         All or nothing: the new statistic is built beside the old one (cut from any autograd
         graph), checked to be finite and, with ``refresh``, decomposed; only then does it
         replace the old one, so a failure leaves the posterior as it was. With
         ``refresh=False`` sampling and solves keep the previous decomposition until the next
-        refresh (K-FAC's inverse interval).
+        refresh (K-FAC's inverse interval). Under an active ``grid`` (the same statistic on
+        every rank) the decompositions are divided across the ranks (``bayesso.sharding``).
         """
         self.follow_module()
         decomposed_blocks = None  # with refresh=False: the blocks the kept decomposition comes from
@@ -138,23 +160,25 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
                     [t.detach().to(m.dtype, copy=True) for m, t in zip(mine.tensors(), new.tensors())]
                 )
         statistic = self.statistic.with_blocks(blocks)
-        bad = [name for name, block in blocks.items() if not block.is_finite()]
+        total = sum(t.sum() for block in blocks.values() for t in block.tensors())  # one host read when finite
+        bad = [] if bool(torch.isfinite(total)) else [name for name, block in blocks.items() if not block.is_finite()]
         if bad:
             raise FloatingPointError(
                 f"the updated statistic of block(s) {bad} has NaN or infinite entries; the posterior is unchanged"
             )
         if refresh:
-            bases = {name: self._eigenbasis(block) for name, block in blocks.items()}
+            bases = self._eigenbases(blocks, grid)
         else:
             bases = {name: basis for name, basis in self._bases.items() if name not in reshaped}
         self.statistic, self._bases, self.initialized = statistic, bases, True
         self._decomposed = None if refresh else self.statistic.with_blocks(decomposed_blocks)
         self._revision += 1
 
-    def refresh(self) -> None:
-        """Recompute every block's decomposition from the current statistic (nothing changes if that fails)."""
+    def refresh(self, grid: ProcessGrid | None = None) -> None:
+        """Recompute every block's decomposition from the current statistic (nothing changes if that fails),
+        divided across the ranks of an active ``grid``."""
         self.follow_module()
-        bases = {name: self._eigenbasis(block) for name, block in self.statistic.blocks.items()}
+        bases = self._eigenbases(dict(self.statistic.blocks), grid)
         self._decomposed, self._bases = None, bases
         self._revision += 1
 
@@ -196,19 +220,22 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         cached = self._damped_cache
         if cached is not None and not self._prior.requires_grad and same_key(cached[0], key):
             return self._damped_cache[1]
-        damping = self.block_damping()
-        damped = {
-            p.name: self._basis(p.name).eigenvalues(damping[i]).clamp_min(PRECISION_FLOOR)
-            for i, p in enumerate(self.plans)
-        }
         flat = None
-        if all(self._basis(p.name).is_identity for p in self.plans):
-            values = torch.cat([damped[p.name] for p in self.plans])
-            std = (self._scale() * values).rsqrt_()
+        if all(self._basis(p.name).is_identity for p in self.plans):  # one flat pass, blocks are views of it
+            values = torch.cat([self._basis(p.name).statistic for p in self.plans]).clamp_min_(0)
+            values = values.add_(self.flat_damping()[0]).clamp_min_(PRECISION_FLOOR)
+            std = torch.mul(values, self._scale()).rsqrt_()
             for plan in self.plans:
                 if plan.name in self.deterministic:
                     std[self._slices[plan.name]] = 0.0
             flat = (values, std)
+            damped = {p.name: values[self._slices[p.name]] for p in self.plans}
+        else:
+            damping = self.block_damping()
+            damped = {
+                p.name: self._basis(p.name).eigenvalues(damping[i]).clamp_min(PRECISION_FLOOR)
+                for i, p in enumerate(self.plans)
+            }
         self._damped_cache = (key, damped, flat)
         return damped
 
@@ -236,23 +263,21 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         if flat.shape != (self.numel,):
             raise ValueError(f"the mean must have shape ({self.numel},), got {tuple(flat.shape)}")
         with torch.no_grad():
-            for p, value in zip(self.parameters, self._views(flat)):
-                p.copy_(value)
+            torch._foreach_copy_(self.parameters, self._views(flat))
 
     @contextmanager
     def perturbed(self, noise: Tensor) -> Iterator[None]:
         """Context adding a flat ``noise`` (P,) to the parameters; restores the mean bit-exactly on exit."""
         params = self.parameters
-        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            saved = torch._foreach_mul(params, 1)  # copies, in one call
         try:
             with torch.no_grad():
-                for p, value in zip(params, self._views(noise)):
-                    p.add_(value)
+                torch._foreach_add_(params, self._views(noise))
             yield
         finally:
             with torch.no_grad():
-                for p, value in zip(params, saved):
-                    p.copy_(value)
+                torch._foreach_copy_(params, saved)
 
     def block_slices(self) -> list[slice]:
         """Where each block (in ``plans`` order) lies in the flat vector."""
@@ -262,7 +287,11 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         return [(i, p.name) for i, p in enumerate(self.plans) if p.name not in self.deterministic]
 
     def sample_noise(self, n: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """(θ - μ, ε) for n samples (n, P): θ - μ = Q ε / sqrt((N/τ) e); zero for deterministic blocks.
+        """(θ - μ, ε) for n samples (n, P): θ - μ = Q [(Qᵀ ε) / sqrt((N/τ) e)]; zero for deterministic blocks.
+
+        That is Σ^(1/2) ε with the symmetric root, which does not depend on the choice of Q where S has
+        repeated (e.g. zero) eigenvalues, so statistics equal to rounding (one process or a sum over
+        ranks) give samples equal to rounding; Q ε alone would rotate with that arbitrary choice.
 
         A ``generator`` on another device (a CPU one for a CUDA model) draws ε there, which is then
         moved: one generator state gives the same ε on every device.
@@ -277,8 +306,8 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         noise = torch.zeros_like(eps)
         for _, name in self._random():
             where = self._slices[name]
-            z = eps[:, where] / (scale * damped[name]).sqrt()
-            noise[:, where] = self._basis(name).from_eigenbasis(z)
+            basis = self._basis(name)
+            noise[:, where] = basis.from_eigenbasis(basis.to_eigenbasis(eps[:, where]) / (scale * damped[name]).sqrt())
         return noise, eps
 
     def sample(self, n: int = 1, generator: torch.Generator | None = None) -> Tensor:

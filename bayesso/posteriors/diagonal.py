@@ -13,15 +13,24 @@ __all__ = ["DiagonalBasis", "DiagonalGaussian"]
 
 
 class DiagonalBasis(Eigenbasis):
-    """A diagonal statistic is its own eigendecomposition (Q = I)."""
+    """A diagonal statistic is its own eigendecomposition (Q = I); negative entries count as zero.
+
+    ``statistic`` is kept as given (no copy: statistics are replaced, never modified in place),
+    so that building the basis costs nothing; the eigenvalues clamp it when they are used.
+    """
 
     is_identity = True
 
     def __init__(self, values: Tensor) -> None:
-        self.values = values.clamp_min(0)
+        self.statistic = values
+
+    @property
+    def values(self) -> Tensor:
+        """The eigenvalues of S, max(s, 0) (P_m,)."""
+        return self.statistic.clamp_min(0)
 
     def eigenvalues(self, damping: Tensor) -> Tensor:
-        return self.values + damping
+        return self.statistic.clamp_min(0) + damping
 
     def to_eigenbasis(self, v: Tensor) -> Tensor:
         return v

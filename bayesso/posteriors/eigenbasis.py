@@ -16,17 +16,20 @@ JITTERS = (0.0, 1e-12, 1e-9, 1e-6)  # relative to the mean absolute diagonal, tr
 
 
 def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """(eigenvalues, eigenvectors) of symmetric ``matrix`` (..., n, n), in its dtype.
+    """(eigenvalues, eigenvectors) of symmetric ``matrix`` (..., n, n), in its dtype, both contiguous.
 
     ``torch.linalg.eigh`` in float32 fails to converge on some rank-deficient matrices (a
     one-example statistic); such input is decomposed in float64, and if that fails too, with
     a growing diagonal jitter whose shift is taken off the eigenvalues again. Non-finite input
-    is a ``FloatingPointError``; nothing is retried for it.
+    is a ``FloatingPointError``; nothing is retried for it. The eigenvectors are made row-major (LAPACK's are
+    column-major), the layout they have after a broadcast, so that products with them round alike on every rank
+    whichever rank decomposed them.
     """
     if not bool(torch.isfinite(matrix).all()):
         raise FloatingPointError(f"cannot decompose a {tuple(matrix.shape)} statistic with NaN or infinite entries")
     try:
-        return torch.linalg.eigh(matrix)
+        values, vectors = torch.linalg.eigh(matrix)
+        return values, vectors.contiguous()
     except torch.linalg.LinAlgError:
         pass
     wide = matrix.double()
@@ -40,7 +43,7 @@ def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
             error = failure
             continue
         values = values - jitter * scale.squeeze(-1)
-        return values.to(matrix.dtype), vectors.to(matrix.dtype)
+        return values.to(matrix.dtype), vectors.to(matrix.dtype).contiguous()
     raise torch.linalg.LinAlgError(
         f"could not decompose a {tuple(matrix.shape)} statistic, even in float64 with a relative jitter of "
         f"{JITTERS[-1]}: {error}"

@@ -13,10 +13,11 @@ __all__ = ["DenseBasis", "FullGaussian"]
 
 
 class DenseBasis(Eigenbasis):
-    """S = Q diag(s) Qᵀ by ``torch.linalg.eigh`` (negative eigenvalues clamped to 0)."""
+    """S = Q diag(s) Qᵀ by ``torch.linalg.eigh`` (negative eigenvalues clamped to 0); ``eigh``: that
+    decomposition when computed elsewhere (another rank)."""
 
-    def __init__(self, matrix: Tensor) -> None:
-        values, self.Q = symmetric_eigh(matrix)
+    def __init__(self, matrix: Tensor, eigh: tuple[Tensor, Tensor] | None = None) -> None:
+        values, self.Q = eigh or symmetric_eigh(matrix)
         self.values = values.clamp_min(0)
 
     def eigenvalues(self, damping: Tensor) -> Tensor:
@@ -64,5 +65,8 @@ class FullGaussian(Posterior):
                     "Use KroneckerGaussian or DiagonalGaussian, restrict modules=..., or raise max_dense_bytes."
                 )
 
-    def _eigenbasis(self, block: Block) -> Eigenbasis:
-        return DenseBasis(block.to_dense())
+    def _factors(self, block: Block) -> list[Tensor]:
+        return [block.to_dense()]
+
+    def _eigenbasis(self, block: Block, eighs: list[tuple[Tensor, Tensor]] | None = None) -> Eigenbasis:
+        return DenseBasis(block.to_dense(), eighs[0] if eighs else None)

@@ -31,13 +31,15 @@ FACTOR_FLOOR = 1e-6  # per damped factor eigenvalue, so that their products stay
 
 
 class KroneckerBasis(Eigenbasis):
-    """Eigenbasis Q_G ⊗ Q_A of a K-FAC block; eigenvalue order is (group, out, in)."""
+    """Eigenbasis Q_G ⊗ Q_A of a K-FAC block; eigenvalue order is (group, out, in).
 
-    def __init__(self, block: KronBlock, damping_mode: str) -> None:
+    ``eighs``: ``symmetric_eigh`` of (A, G) when computed elsewhere (another rank), else computed here.
+    """
+
+    def __init__(self, block: KronBlock, damping_mode: str, eighs: list[tuple[Tensor, Tensor]] | None = None) -> None:
         self.layout: AffineLayout = block.layout
         self.mode = damping_mode
-        self.a, self.QA = symmetric_eigh(block.A)
-        self.g, self.QG = symmetric_eigh(block.G)
+        (self.a, self.QA), (self.g, self.QG) = eighs or (symmetric_eigh(block.A), symmetric_eigh(block.G))
         self.a, self.g = self.a.clamp_min(0), self.g.clamp_min(0)
         trace_a = block.A.diagonal(dim1=1, dim2=2).mean(dim=1)
         trace_g = block.G.diagonal(dim1=1, dim2=2).mean(dim=1)
@@ -116,7 +118,10 @@ class KroneckerGaussian(Posterior):
         self.kfac_damping = kfac_damping
         super().__init__(module, **kwargs)
 
-    def _eigenbasis(self, block: Block) -> Eigenbasis:
+    def _factors(self, block: Block) -> list[Tensor]:
+        return [block.A, block.G] if isinstance(block, KronBlock) else []
+
+    def _eigenbasis(self, block: Block, eighs: list[tuple[Tensor, Tensor]] | None = None) -> Eigenbasis:
         if isinstance(block, KronBlock):
-            return KroneckerBasis(block, self.kfac_damping)
+            return KroneckerBasis(block, self.kfac_damping, eighs)
         return DiagonalBasis(block.diagonal())

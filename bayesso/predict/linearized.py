@@ -107,7 +107,9 @@ def linearized_predictive(
         mean, aleatoric, epistemic = _exact_moments(likelihood, outputs, covariance)
         return Predictive(mean=mean, aleatoric=aleatoric, epistemic=epistemic, output_covariance=covariance)
     values, vectors = torch.linalg.eigh(covariance)
-    root = vectors * values.clamp_min(0).sqrt().unsqueeze(1)  # root rootᵀ = covariance
+    # the symmetric root Q diag(√v) Qᵀ: unlike Q diag(√v), it does not depend on which eigenvectors eigh picks
+    # within a repeated eigenvalue, so rounding-level changes in the covariance move the draws by rounding only
+    root = (vectors * values.clamp_min(0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
     where = mean.device if generator is None else generator.device  # a CPU generator serves any device
     eps = torch.randn(n_samples, *mean.shape, dtype=mean.dtype, device=where, generator=generator).to(mean.device)
     draws = mean + torch.einsum("bij,sbj->sbi", root, eps)

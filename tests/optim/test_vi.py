@@ -365,3 +365,38 @@ def test_inv_interval_defaults_to_the_posteriors_and_is_checked(structure, defau
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match=f"inv_interval must be a positive integer, got {bad}"):
             VOGN(model, inv_interval=bad)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values by the host (each one a device synchronisation on a GPU)."""
+
+    READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "equal")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("preset", "structure", "reads"),
+    [(VOGN, "diag", 5), (NoisyAdam, "diag", 5), (IVON, "diag", 3), (NoisyKFAC, "kron", 5)],
+    ids=["vogn", "noisy_adam", "ivon", "noisy_kfac"],
+)
+def test_a_step_reads_the_host_only_for_its_non_finite_checks(preset, structure, reads):
+    """One batched non-finite check of the evaluated step, one of the new statistic (all blocks at once), one of
+    the new mean; with the curvature engine also the loss before the curvature is assembled and the model outputs
+    in the capture. Not per block, not for the KL clip, not for the loss without other ranks."""
+    module, x, y = CASES_BY_NAME["mlp"].data(batch_size=6)
+    model = BayesianModel(module, "classification", posterior=structure, prior_precision=1.0, dataset_size=60)
+    optimizer = preset(model, inv_interval=2) if preset is NoisyKFAC else preset(model)
+    closure = closure_for(model, optimizer, x, y)
+    for _ in range(3):  # past the first step; the fourth keeps the decompositions of the third
+        optimizer.step(closure)
+    counter = HostReads()
+    with counter:
+        optimizer.step(closure)
+    assert counter.count == reads

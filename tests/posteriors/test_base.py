@@ -76,6 +76,19 @@ def test_samples_have_the_posterior_mean_and_covariance(structure):
     assert ((torch.cov(samples.T) - cov).abs() <= 5.5 * se).all()
 
 
+@pytest.mark.parametrize("structure", FAMILIES)
+def test_noise_is_the_symmetric_root_of_the_covariance_applied_to_eps(structure):
+    """θ - μ = Σ^(1/2) ε with the unique symmetric positive root, so the noise does not depend on the eigenvectors
+    eigh picks for repeated eigenvalues (the statistic's null space): equal statistics give equal samples."""
+    posterior, statistic = fitted(structure)
+    noise, eps = posterior.sample_noise(posterior.numel, torch.Generator().manual_seed(0))
+    root = torch.linalg.solve(eps, noise)  # the rows are noise_i = R ε_i with R symmetric: noise = eps R
+    covariance = torch.linalg.inv(expected_precision(posterior, statistic))
+    torch.testing.assert_close(root, root.T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(root @ root, covariance, rtol=1e-8, atol=1e-10)
+    assert torch.linalg.eigvalsh(root + root.T).min() > 0
+
+
 def test_deterministic_blocks_are_point_masses_without_prior():
     posterior, statistic = fitted("kron")
     posterior.deterministic = {"1"}  # the GroupNorm: parameters 20..27 after the Conv1d's 20
