@@ -285,8 +285,7 @@ class VIOptimizer(torch.optim.Optimizer):
     def _update(self, grad: Tensor, curvature, estimate) -> None:
         """The statistic, then the mean; the new mean is checked before it is written.
 
-        Every temporary is made once and then updated in place: each fresh (P,) tensor is another pass
-        over memory that is not in cache (docs/vi.md, "What a step costs").
+        Every temporary is made once and then updated in place (docs/vi.md, "What a step costs").
         """
         posterior, group = self.posterior, self.param_groups[0]
         beta1, beta2 = group["betas"]
