@@ -11,19 +11,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from bayesso import BayesianModel
 from bayesso.data import make_loader
 from bayesso.distributed import ProcessGrid, finish
 from bayesso.optim import VOGN, SecondOrderOptimizer
 from tests.cases import CASES_BY_NAME
+from tests.workers import run_two_ranks
 
 CASE = CASES_BY_NAME["mlp"]
 STEPS = 3
@@ -117,17 +116,7 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(
-        _worker, args=(2, str(folder / "rendezvous"), str(folder)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process job did not finish within 240 s")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_two_ranks(_worker, tmp_path_factory.mktemp("distributed"))
 
 
 def _same(a, b):

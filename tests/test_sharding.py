@@ -10,15 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bayesso.distributed import ProcessGrid
 from bayesso.sharding import assign_owners, eigh_cost
 from tests.test_distributed import _same
+from tests.workers import run_two_ranks
 from tests.workers.sharded_eighs import laplace, second_order, vi_full, worker
 
 # tests/cases.py "mlp": Linear(5, 4), Linear(4, 3) in float64. K-FAC factors (with the bias input) 6 x 6, 4 x 4
@@ -106,17 +105,7 @@ def test_broadcast_in_one_process_returns_the_tensors_and_checks_src():
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sharding")
-    context = mp.start_processes(
-        worker, args=(2, str(folder / "rendezvous"), str(folder)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process job did not finish within 240 s")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_two_ranks(worker, tmp_path_factory.mktemp("sharding"))
 
 
 @pytest.mark.parametrize("structure", ["kron", "full"])

@@ -116,6 +116,11 @@ class Curvature:
             block.ema_(other.blocks[name], beta)
         return self
 
+    def entry_sum(self) -> Tensor:
+        """The sum of every stored entry of every block (0-dim): non-finite exactly when an entry is (barring
+        overflow), so one host read checks the whole curvature (``Block.is_finite`` then names the block)."""
+        return sum(t.sum() for block in self.blocks.values() for t in block.tensors())
+
     def flatten(self) -> Tensor:
         """All blocks in one 1-D buffer (module order), additive over batches; see ``blocks``."""
         return torch.cat([block.flatten() for block in self.blocks.values()])

@@ -114,7 +114,7 @@ def nonfinite_part(loss: Tensor, grad: Tensor, curvature: Curvature | None, esti
     """
     sums = {"loss": loss.sum(), "gradient": grad.sum()}
     if curvature is not None:
-        sums["curvature"] = sum(t.sum() for block in curvature.blocks.values() for t in block.tensors())
+        sums["curvature"] = curvature.entry_sum()
     if estimate is not None:
         sums["curvature estimate"] = estimate.sum()
     if bool(torch.isfinite(sum(total.to(grad.dtype) for total in sums.values()))):

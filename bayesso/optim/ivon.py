@@ -267,7 +267,7 @@ class IVON(_Preset):
 
     def _direction(self, velocity: Tensor) -> Tensor:
         direction = super()._direction(velocity)
-        if self.clip_radius == float("inf"):  # clamping to ±inf changes nothing
+        if self._plain_direction:  # clamping to ±inf changes nothing
             return direction
         return direction.clamp(-self.clip_radius, self.clip_radius)
 

@@ -294,19 +294,18 @@ class VIOptimizer(torch.optim.Optimizer):
         mean = posterior.mean()
         prior = self._prior_gradient(mean)  # a new tensor, free to be reused below
         direction = prior.add_(grad) if self.prior_in_momentum else grad
-        previous = self._momentum
+        previous, correction = self._momentum, 1.0
         if self.momentum_type == "raw":  # β1 m + d
             momentum = direction if previous is None else torch.add(direction, previous, alpha=beta1)
-            velocity = momentum
         else:  # β1 m + (1 - β1) d, bias-corrected
             momentum = direction * (1 - beta1) if previous is None else torch.lerp(direction, previous, beta1)
             correction = 1 / (1 - beta1 ** (self._step + 1))
-            if self.prior_in_momentum:
-                velocity = torch.mul(momentum, correction, out=direction)
-            else:
-                velocity = prior.add_(momentum, alpha=correction)
-        if not self.prior_in_momentum and self.momentum_type == "raw":
-            velocity = velocity + prior
+        if not self.prior_in_momentum:  # v = corrected m + δ̃μ
+            velocity = prior.add_(momentum, alpha=correction)
+        elif correction != 1.0:  # direction (this step's tensor) is free again
+            velocity = torch.mul(momentum, correction, out=direction)
+        else:
+            velocity = momentum
         new = self._moved_mean(mean, velocity, self._learning_rates())
         check_candidate(new, "update of the mean")
         posterior.set_mean(new)

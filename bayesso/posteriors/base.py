@@ -160,8 +160,8 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
                     [t.detach().to(m.dtype, copy=True) for m, t in zip(mine.tensors(), new.tensors())]
                 )
         statistic = self.statistic.with_blocks(blocks)
-        total = sum(t.sum() for block in blocks.values() for t in block.tensors())  # one host read when finite
-        bad = [] if bool(torch.isfinite(total)) else [name for name, block in blocks.items() if not block.is_finite()]
+        finite = bool(torch.isfinite(statistic.entry_sum()))  # one host read when every block is finite
+        bad = [] if finite else [name for name, block in blocks.items() if not block.is_finite()]
         if bad:
             raise FloatingPointError(
                 f"the updated statistic of block(s) {bad} has NaN or infinite entries; the posterior is unchanged"

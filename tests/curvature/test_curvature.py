@@ -56,3 +56,14 @@ def test_curvatures_over_different_modules_do_not_combine():
         full + last
     assert last.to_dense(covered_only=True).shape == (15, 15)
     assert last.to_dense().shape == (39, 39)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+def test_entry_sum_adds_every_stored_entry_and_turns_non_finite_with_any_of_them(structure):
+    case = CASES_BY_NAME["mlp"]
+    model, x, y = case.data(batch_size=6)
+    curvature = CurvatureEngine(model, case.likelihood, "ggn", structure).compute(x, y)
+    stored = [t for block in curvature.blocks.values() for t in block.tensors()]
+    torch.testing.assert_close(curvature.entry_sum(), torch.cat([t.reshape(-1) for t in stored]).sum())
+    stored[-1].view(-1)[0] = float("nan")
+    assert not torch.isfinite(curvature.entry_sum())
