@@ -19,8 +19,9 @@ times, on the same batch and in one process (medians of repeats):
 
 floor = closure + randn + statistic + linear algebra + passes; the ratio is floor / Adam's
 step. The passes are timed on a buffer that stays in cache, which a step's vectors do not: the
-last column, a whole IVON step written by hand on flat vectors without the library (the same
-operations, timed like Adam's step), shows how far above the sum of the parts a real step is.
+second-last column, a whole IVON step written by hand on flat vectors without the library (the same
+operations, timed like Adam's step), shows how far above the sum of the parts a real step is; the last,
+the same step with its two elementwise parts fused by ``torch.compile``, what compiling the update buys.
 A target below the floor cannot be met on this model, batch and machine; the README's
 step-time table prints the floor beside the measured ratio. The models and batches are those of
 benchmarks/step_time.py. Run: python benchmarks/step_floor.py
@@ -108,29 +109,47 @@ def _kfac_algebra(factors: list[tuple[Tensor, Tensor]], eigh: bool) -> None:
             torch.linalg.eigh(qa), torch.linalg.eigh(qg)
 
 
-def _hand_written_ivon(module: nn.Module, closure, generator: torch.Generator):
-    """One IVON step with no library code: flat state, the noise, the closure, ĥ = ĝε/σ, h and μ updates."""
+def _ivon_noise(h: Tensor, damping: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """IVON's precision h + δ̃, the standard deviation σ = (N/τ (h + δ̃))^-½ and the noise σε."""
+    precision = h + damping
+    std = precision.mul(1437 / 0.01).rsqrt()
+    return precision, std, eps * std
+
+
+def _ivon_update(h, momentum, damping, precision, mean, grad, eps, std) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ĥ = ĝε/σ, IVON's three-term h update, the momentum, the new mean and the sum that is checked for NaN."""
+    estimate = grad * eps / std
+    difference = h - estimate
+    new_h = estimate + 0.999 * difference + 5e-7 * difference.square() / precision
+    new_momentum = torch.lerp(grad, momentum, 0.9)
+    new = mean - 0.2 * (new_momentum + mean * damping) / (new_h + damping)
+    return new_h, new_momentum, new, grad.sum() + estimate.sum() + new.sum()
+
+
+def _hand_written_ivon(module: nn.Module, closure, generator: torch.Generator, compiled: bool = False):
+    """One IVON step with no library code: flat state, the noise, the closure, ĥ = ĝε/σ, h and μ updates.
+
+    ``compiled``: the two elementwise parts go through ``torch.compile`` (fused loops; the first call compiles).
+    """
     params = list(module.parameters())
     size, sizes = sum(p.numel() for p in params), [p.numel() for p in params]
     h, momentum, damping = torch.full((size,), 0.5), torch.zeros(size), torch.full((size,), 1e-3)
+    noise_of, update = _ivon_noise, _ivon_update
+    if compiled:
+        noise_of, update = torch.compile(_ivon_noise, dynamic=False), torch.compile(_ivon_update, dynamic=False)
 
     def step():
-        precision = h + damping
-        std = precision.mul(1437 / 0.01).rsqrt_()
         eps = torch.randn(size, generator=generator)
+        precision, std, noise = noise_of(h, damping, eps)
         mean = torch.cat([p.detach().reshape(-1) for p in params])
         with torch.no_grad():
-            torch._foreach_add_(params, [t.view_as(p) for t, p in zip((eps * std).split(sizes), params)])
+            torch._foreach_add_(params, [t.view_as(p) for t, p in zip(noise.split(sizes), params)])
         closure()
         grad = torch.cat([p.grad.reshape(-1) for p in params])
-        estimate = grad * eps / std
-        bool(torch.isfinite(grad.sum() + estimate.sum()))
-        difference = h - estimate
-        new_h = torch.add(estimate, difference, alpha=0.999).add_(difference.square_().div_(precision), alpha=5e-7)
+        new_h, new_momentum, new, check = update(h, momentum, damping, precision, mean, grad, eps, std)
+        bool(torch.isfinite(check))
         h.copy_(new_h)
-        momentum.lerp_(grad, 0.1)
-        new = torch.addcdiv(mean, momentum.add(mean * damping), h + damping, value=-0.2)
-        bool(torch.isfinite(new.sum()))
+        momentum.copy_(new_momentum)
         with torch.no_grad():
             torch._foreach_copy_(params, [t.view_as(p) for t, p in zip(new.split(sizes), params)])
 
@@ -167,8 +186,9 @@ def floors(model_name: str, batch_size: int, repeats: int) -> dict[str, float]:
         "randn": _median_ms(lambda: torch.randn(size), repeats),
         "pass": _median_ms(lambda: buffer.mul_(1.0), repeats),
     }
-    hand_written = _hand_written_ivon(module, closure, torch.Generator().manual_seed(0))
-    measured["hand-written IVON"] = _median_ms(hand_written, repeats) / _median_ms(adam_step, repeats)
+    for label, compiled in (("hand-written IVON", False), ("compiled IVON", True)):
+        hand_written = _hand_written_ivon(module, closure, torch.Generator().manual_seed(0), compiled)
+        measured[label] = _median_ms(hand_written, repeats) / _median_ms(adam_step, repeats)
     if all(isinstance(layer, nn.Linear) for layer, _, _ in layers):
         measured["diag"] = _median_ms(lambda: _diagonal_statistic(layers), repeats)
     if model_name not in NO_KFAC:
@@ -194,14 +214,15 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} (ResNet-18: 8)\n")
     print("| model | P | Adam (ms) | closure | randn(P) | pass | diag stat. | K-FAC stat. | K-FAC algebra | eigh "
-          "| floor IVON | floor VOGN | floor noisy Adam | floor noisy K-FAC | hand-written IVON step |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| floor IVON | floor VOGN | floor noisy Adam | floor noisy K-FAC | hand-written IVON step "
+          "| the same, compiled |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         f = floors(name, args.batch_size, args.repeats)
         parts = ("adam", "closure", "randn", "pass", "diag", "kfac", "algebra", "eigh")
         times = " | ".join(f"{f[k]:.2f}" if k in f else "—" for k in parts)
         ratios = " | ".join(f"{f[k]:.2f}" if k in f else "—" for k in ("ivon", "vogn", "noisy_adam", "noisy_kfac"))
-        print(f"| {name} | {f['parameters']:,} | {times} | {ratios} | {f['hand-written IVON']:.2f} |")
+        print(f"| {name} | {f['parameters']:,} | {times} | {ratios} | {f['hand-written IVON']:.2f} | {f['compiled IVON']:.2f} |")
 
 
 if __name__ == "__main__":
