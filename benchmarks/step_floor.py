@@ -222,7 +222,8 @@ def main() -> None:
         parts = ("adam", "closure", "randn", "pass", "diag", "kfac", "algebra", "eigh")
         times = " | ".join(f"{f[k]:.2f}" if k in f else "—" for k in parts)
         ratios = " | ".join(f"{f[k]:.2f}" if k in f else "—" for k in ("ivon", "vogn", "noisy_adam", "noisy_kfac"))
-        print(f"| {name} | {f['parameters']:,} | {times} | {ratios} | {f['hand-written IVON']:.2f} | {f['compiled IVON']:.2f} |")
+        hand = f"{f['hand-written IVON']:.2f} | {f['compiled IVON']:.2f}"
+        print(f"| {name} | {f['parameters']:,} | {times} | {ratios} | {hand} |")
 
 
 if __name__ == "__main__":
