@@ -26,9 +26,10 @@ from torch import Tensor
 
 from bayesso.batches import check_loader, checked_batch, located
 from bayesso.curvature import CurvatureEngine
+from bayesso.curvature.structures import Structure, check_structure, structure_label
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Binary, Classification, Regression
-from bayesso.posteriors import POSTERIORS, Posterior
+from bayesso.posteriors import Posterior, build_posterior
 from bayesso.progress import check_progress, progress_bar, track
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def fit_laplace(
     model: BayesianModel,
     loader: Iterable,
     kind: str = "ggn",
-    structure: str | None = None,
+    structure: Structure | None = None,
     modules: Iterable | str | None = None,
     prior_precision: float | dict[str, float] | Tensor | None = None,
     mc_samples: int = 1,
@@ -67,28 +68,33 @@ def fit_laplace(
 ) -> tuple[Posterior, LaplaceFit]:
     """Sum the ``kind`` curvature of the NLL at the current weights over ``loader`` into a new posterior.
 
-    The posterior has ``structure`` ("diag", "kron", "full"; default: the model's) over ``modules``
+    The posterior has ``structure`` ("diag", "kron", "full" or a per-module mapping as ``MixedGaussian``;
+    default: the model's) over ``modules``
     (default: the model posterior's modules; "last_layer" or a list). The module is in eval mode
     during the pass. Nothing on the model changes if anything fails; the caller installs the result.
     With a ``grid``, each rank passes its own non-empty shard of the data and the sums cover all shards.
     """
     current = model.posterior
-    structure = structure or current.structure
-    if structure not in POSTERIORS:
-        raise ValueError(f"structure must be 'diag', 'kron' or 'full', got {structure!r}")
+    structure = current.curvature_structure if structure is None else structure
+    check_structure(structure)
     plan_names = [plan.name for plan in current.plans]
-    options = {"kfac_damping": "exact"} if structure == "kron" else {}
-    if structure == "full" and hasattr(current, "max_dense_bytes"):
+    mixed = not isinstance(structure, str)
+    options = {"kfac_damping": "exact"} if structure == "kron" or mixed else {}
+    if (structure == "full" or mixed) and hasattr(current, "max_dense_bytes"):
         options["max_dense_bytes"] = current.max_dense_bytes
-    posterior = POSTERIORS[structure](
-        model.module, temperature=current.temperature, modules=plan_names if modules is None else modules, **options
+    posterior = build_posterior(
+        model.module,
+        structure,
+        temperature=current.temperature,
+        modules=plan_names if modules is None else modules,
+        **options,
     )
     posterior.prior_precision = _prior_for(current, posterior, prior_precision)
     engine = CurvatureEngine(
         model.module,
         model.likelihood,
         kind,
-        structure,
+        posterior.curvature_structure,
         modules=[plan.name for plan in posterior.plans],
         mc_samples=mc_samples,
         dtype=posterior.dtype,
@@ -119,7 +125,9 @@ def _summed_curvature(model: BayesianModel, engine: CurvatureEngine, loader, kin
         with grid.lockstep("Laplace pass") as shared:  # a failure on any rank raises on every rank
             check_loader(loader)
             check_progress(progress)
-            batches = track(loader, f"Laplace ({kind}, {engine.structure})", progress and grid.rank == 0)
+            batches = track(
+                loader, f"Laplace ({kind}, {structure_label(engine.structure)})", progress and grid.rank == 0
+            )
             for index, batch in enumerate(batches):
                 with located(f"fit_laplace, batch {index + 1}"):
                     x, y = checked_batch(module, likelihood, batch)  # on the module's device, in its dtype

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 
 from bayesso.batches import checked_inputs
 from bayesso.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from bayesso.curvature.structures import Structure
 from bayesso.distributed import ProcessGrid
 from bayesso.laplace import LaplaceFit, fit_laplace, log_marginal_likelihood, optimize_prior_precision
 from bayesso.likelihoods import Binary, Classification, Likelihood, Regression, get_likelihood
 from bayesso.placement import module_moved, parse_placement
-from bayesso.posteriors import POSTERIORS, KroneckerGaussian, Posterior
+from bayesso.posteriors import KroneckerGaussian, MixedGaussian, Posterior, build_posterior
 from bayesso.predict.linearized import linearized_predictive, probit_predictive
 from bayesso.predict.monte_carlo import mc_predictive
 from bayesso.predict.predictive import Predictive, check_n_samples
@@ -35,7 +36,8 @@ class BayesianModel:
     Args:
         module: the network; nothing is copied or swapped.
         likelihood: "classification", "binary", "regression", "heteroscedastic" or a ``Likelihood``.
-        posterior: "diag", "kron", "full" or a ``Posterior`` built on ``module``.
+        posterior: "diag", "kron", "full", a mapping from module types and names to these (``MixedGaussian``,
+            e.g. ``{nn.Conv2d: "kron", nn.BatchNorm2d: "diag", "fc": "full"}``) or a ``Posterior`` built on ``module``.
         prior_precision: δ of the prior N(0, I/δ) (a number or {module name: number}).
         dataset_size: N; ``fit`` fills it from the loader when None.
         temperature: τ, the weight of the KL term.
@@ -48,7 +50,7 @@ class BayesianModel:
         self,
         module: nn.Module,
         likelihood: str | Likelihood,
-        posterior: str | Posterior = "diag",
+        posterior: Structure | Posterior = "diag",
         prior_precision: float | dict[str, float] = 1.0,
         dataset_size: int | None = None,
         temperature: float = 1.0,
@@ -64,17 +66,17 @@ class BayesianModel:
             if posterior.module is not module:
                 raise ValueError("the posterior was built on a different module")
             self.posterior = posterior
-        elif posterior in POSTERIORS:
-            self.posterior = POSTERIORS[posterior](
+        else:
+            self.posterior = build_posterior(
                 module,
+                posterior,
+                "posterior",
                 prior_precision=prior_precision,
                 dataset_size=dataset_size,
                 temperature=temperature,
                 modules=modules,
                 **posterior_options,
             )
-        else:
-            raise ValueError(f"posterior must be 'diag', 'kron', 'full' or a Posterior, got {posterior!r}")
         self.laplace_fit: LaplaceFit | None = None
         self.optimizer: torch.optim.Optimizer | None = None  # the last ``fit``'s
 
@@ -239,6 +241,8 @@ class BayesianModel:
         """Save the module's state (the mean), the posterior and the Laplace record, atomically with checksums."""
         posterior = self.posterior
         options = {"kfac_damping": posterior.kfac_damping} if isinstance(posterior, KroneckerGaussian) else {}
+        if isinstance(posterior, MixedGaussian):  # the mapping, resolved to module names
+            options = {"structures": posterior.requested, "kfac_damping": posterior.kfac_damping}
         write_checkpoint(
             path,
             "model",
@@ -264,13 +268,14 @@ class BayesianModel:
         try:
             check_keys(content, MODEL_KEYS, "the saved model")
             check_entries(content["module"], module.state_dict(), "the module state")
+            options = dict(content["posterior_options"])
             model = cls(
                 module,
                 content["likelihood"],
-                posterior=content["posterior"]["structure"],
+                posterior=options.pop("structures", content["posterior"]["structure"]),
                 sigma=content["sigma"],
                 modules=content["posterior_modules"],
-                **content["posterior_options"],
+                **options,
             )
             model.posterior.load_state_dict(content["posterior"])
             model.laplace_fit = None if content["laplace"] is None else LaplaceFit(**content["laplace"])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bayesso import BayesianModel
-from bayesso.curvature import CurvatureEngine
+from bayesso.curvature import CurvatureEngine, plan_modules
 from bayesso.likelihoods import Binary, Classification, Heteroscedastic, Likelihood, Regression
 
 
@@ -229,11 +229,19 @@ CASES = [
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 
+def mixed_structures(model: nn.Module, cycle: tuple[str, ...] = ("full", "kron", "diag")) -> dict[str, str]:
+    """A per-module structure mapping by module name: the blocks take the structures of ``cycle`` in turn."""
+    return {plan.name: cycle[i % len(cycle)] for i, plan in enumerate(plan_modules(model))}
+
+
 def fitted_bayesian_model(structure: str = "kron", name: str = "mlp"):
-    """A BayesianModel on a zoo case whose statistic is the per-example GGN of a batch of 8."""
+    """A BayesianModel on a zoo case whose statistic is the per-example GGN of a batch of 8 ("mixed": the
+    structures of ``mixed_structures`` per module)."""
     case = CASES_BY_NAME[name]
     module, x, y = case.data(batch_size=8)
+    if structure == "mixed":
+        structure = mixed_structures(module)
     model = BayesianModel(module, case.likelihood, posterior=structure, prior_precision=3.0, dataset_size=50)
-    curvature = CurvatureEngine(module, case.likelihood, "ggn", structure).compute(x, y)
+    curvature = CurvatureEngine(module, case.likelihood, "ggn", model.posterior.curvature_structure).compute(x, y)
     model.posterior.update_statistic(curvature * (1 / 8))
     return model, x, y

@@ -150,7 +150,7 @@ FIT = [
     fit_case("NaN regression targets", regression, lambda: loader(_regression_data()[0], torch.full((40, 1), math.nan)),
              ValueError, "regression targets must be finite"),
     fit_case("noisy K-FAC on a diagonal posterior", classifier, loader, ValueError,
-             "NoisyKFAC needs a KroneckerGaussian posterior", method="noisy_kfac"),
+             "NoisyKFAC needs a KroneckerGaussian", method="noisy_kfac"),
     fit_case("IVON on a Kronecker posterior", lambda: classifier("kron"), loader, ValueError,
              "IVON needs a DiagonalGaussian posterior", method="ivon"),
     fit_case("seed=1.5", classifier, loader, ValueError, "seed must be an integer, got 1.5", seed=1.5),

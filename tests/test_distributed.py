@@ -26,6 +26,7 @@ from tests.workers import run_two_ranks
 
 CASE = CASES_BY_NAME["mlp"]
 STEPS = 3
+MIXED = {"0": "full", "2": "kron"}  # the mlp's two Linear layers
 
 
 def _data():
@@ -51,7 +52,7 @@ def _flat(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
 
 
-def vi_run(grid: ProcessGrid | None, mc_samples: int, x, y, posterior: str = "kron") -> dict:
+def vi_run(grid: ProcessGrid | None, mc_samples: int, x, y, posterior: str | dict = "kron") -> dict:
     module = _module()
     model = BayesianModel(module, CASE.likelihood, posterior, prior_precision=2.0, dataset_size=64)
     optimizer = VOGN(model, mc_samples=mc_samples, lr=0.05, grid=grid, seed=7)
@@ -104,6 +105,7 @@ def _worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         "vi_mc_groups": vi_run(mc, 1, x, y),
         "vi_data_parallel": vi_run(data, 1, x[half], y[half]),
         "vi_full_data_parallel": vi_run(data, 1, x[half], y[half], "full"),
+        "vi_mixed_data_parallel": vi_run(data, 1, x[half], y[half], MIXED),
         "second_order": second_order_run(data, x[half], y[half]),
         "laplace": laplace_run(data, x[half], y[half]),
         "predict": predict_run(data, x),
@@ -130,6 +132,7 @@ def test_every_rank_holds_bit_identical_state(ranks):
         "vi_mc_groups",
         "vi_data_parallel",
         "vi_full_data_parallel",
+        "vi_mixed_data_parallel",
         "second_order",
         "laplace",
         "predict",
@@ -156,15 +159,14 @@ def test_two_data_parallel_ranks_on_half_batches_equal_one_process_on_the_batch(
     torch.testing.assert_close(ranks[0]["second_order"], second_order_run(None, x, y))
 
 
-def test_two_data_parallel_ranks_equal_one_process_for_full_blocks(ranks):
+@pytest.mark.parametrize("key, posterior", [("vi_full_data_parallel", "full"), ("vi_mixed_data_parallel", MIXED)])
+def test_two_data_parallel_ranks_equal_one_process_for_full_and_mixed_blocks(ranks, key, posterior):
     # The empirical Fisher of 16 examples leaves 8 of the 24-parameter block's eigenvalues at zero: eigh's
     # eigenvectors there differ between the summed and the one-process statistic, the samples must not.
     x, y = _data()
-    reference = vi_run(None, 1, x, y, "full")
-    torch.testing.assert_close(ranks[0]["vi_full_data_parallel"]["mean"], reference["mean"], rtol=0, atol=1e-12)
-    torch.testing.assert_close(
-        ranks[0]["vi_full_data_parallel"]["precision"], reference["precision"], rtol=1e-12, atol=1e-12
-    )
+    reference = vi_run(None, 1, x, y, posterior)
+    torch.testing.assert_close(ranks[0][key]["mean"], reference["mean"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(ranks[0][key]["precision"], reference["precision"], rtol=1e-12, atol=1e-12)
 
 
 def test_learned_noise_is_one_sigma_from_all_shards(ranks):

@@ -12,7 +12,7 @@ from bayesso.curvature import CurvatureEngine
 from bayesso.data import make_loader
 from bayesso.likelihoods import Regression
 from bayesso.optim import VOGN
-from tests.cases import CASES_BY_NAME
+from tests.cases import CASES_BY_NAME, mixed_structures
 from tests.dense import block_diagonal, flat_parameters, ggn, loss_hessian, module_blocks, posterior_index
 
 SIGMA, DELTA = 0.4, 2.0
@@ -97,6 +97,30 @@ def test_diag_and_full_keep_the_dense_blocks_summed_over_the_loader(name, kind, 
         eye = torch.eye(len(index), dtype=torch.float64)
         torch.testing.assert_close(posterior.precision_dense(), expected + 0.7 * eye, rtol=1e-7, atol=1e-9)
     assert not module.training  # the zoo's eval mode is kept
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+@pytest.mark.parametrize("name", SEQUENTIAL)
+def test_mixed_structures_keep_each_modules_dense_block_or_its_diagonal(name, kind):
+    case = CASES_BY_NAME[name]
+    module, x, y = case.data(batch_size=9)
+    structures = mixed_structures(module, ("full", "diag"))
+    model = BayesianModel(module, case.likelihood, structures, prior_precision=0.7)
+    posterior = model.fit_laplace(make_loader(x, y, 4, shuffle=False), kind=kind, progress=False)
+    dense = (ggn if kind == "ggn" else loss_hessian)(module, case.likelihood, x, y)
+    reference = block_diagonal(dense, module, module_blocks(module))
+    index = posterior_index(posterior)
+    expected = reference[index.unsqueeze(1), index.unsqueeze(0)]
+    for plan, where in zip(posterior.plans, posterior.block_slices()):
+        block = expected[where, where]
+        if structures[plan.name] == "full":
+            values, vectors = torch.linalg.eigh(block)
+            expected[where, where] = vectors @ torch.diag(values.clamp_min(0)) @ vectors.T
+        else:
+            expected[where, where] = torch.diag(block.diagonal().clamp_min(0))
+    eye = torch.eye(len(index), dtype=torch.float64)
+    torch.testing.assert_close(posterior.precision_dense(), expected + 0.7 * eye, rtol=1e-7, atol=1e-9)
+    assert set(posterior.statistic.structures.values()) == {"full", "diag"}
 
 
 def test_kron_over_a_loader_equals_kfac_of_all_the_data_and_is_exact_for_one_example():

@@ -30,14 +30,16 @@ def test_predict_uses_eval_mode_and_restores_it():
     assert torch.equal(first, second) and module.training
 
 
-def test_save_and_load_round_trip(tmp_path):
-    model, x, _ = fitted_bayesian_model("kron", "conv2d")
+@pytest.mark.parametrize("structure", ["kron", "mixed"])
+def test_save_and_load_round_trip(tmp_path, structure):
+    model, x, _ = fitted_bayesian_model(structure, "conv2d")
     model.posterior.deterministic = {"2"}
     model.save(tmp_path / "model.pt")
     case = CASES_BY_NAME["conv2d"]
     torch.manual_seed(123)
     loaded = BayesianModel.load(tmp_path / "model.pt", case.build().double())
     assert isinstance(loaded.posterior, type(model.posterior)) and loaded.posterior.deterministic == {"2"}
+    assert loaded.posterior.statistic.structures == model.posterior.statistic.structures
     torch.testing.assert_close(loaded.posterior.precision_dense(), model.posterior.precision_dense(), rtol=0, atol=0)
     a = model.predict(x, n_samples=4, generator=torch.Generator().manual_seed(1)).probs
     b = loaded.predict(x, n_samples=4, generator=torch.Generator().manual_seed(1)).probs
@@ -59,7 +61,7 @@ def test_fit_on_digits(method, structure):
 
 def test_bad_construction_and_fit_arguments():
     module = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match="posterior must be 'diag', 'kron', 'full' or a Posterior, got 'dense'"):
+    with pytest.raises(ValueError, match="posterior must be one of 'diag', 'kron', 'full' or a mapping; got 'dense'"):
         BayesianModel(module, "classification", posterior="dense")
     with pytest.raises(ValueError, match="built on a different module"):
         BayesianModel(module, "classification", posterior=DiagonalGaussian(nn.Linear(3, 2)))

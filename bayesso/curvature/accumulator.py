@@ -50,9 +50,15 @@ class StatisticAccumulator:
     """
 
     def __init__(
-        self, plans: list[ModulePlan], recorder: CallRecorder, structure: str, kfac_approx: str, dtype: torch.dtype
+        self,
+        plans: list[ModulePlan],
+        recorder: CallRecorder,
+        structures: dict[str, str],
+        kfac_approx: str,
+        dtype: torch.dtype,
     ) -> None:
-        self.plans, self.structure, self.kfac_approx, self.dtype = plans, structure, kfac_approx, dtype
+        self.plans, self.kfac_approx, self.dtype = plans, kfac_approx, dtype
+        self.structures = {plan.name: plan.structure(structures[plan.name]) for plan in plans}
         self.prepared = {p.name: p.rule.prepare(p.module, recorder.inputs(p.name), p.local, dtype) for p in plans}
         self.totals: dict[str, Tensor] = {}
 
@@ -65,7 +71,7 @@ class StatisticAccumulator:
             self.totals[plan.name] = total if plan.name not in self.totals else self.totals[plan.name].add_(total)
 
     def _contribution(self, plan: ModulePlan, prepared, grads) -> Tensor:
-        structure = plan.structure(self.structure)
+        structure = self.structures[plan.name]
         if structure == "kron":
             return AffineRule.output_factor(grads, self.kfac_approx)
         if structure == "diag":
@@ -86,7 +92,7 @@ class StatisticAccumulator:
     def blocks(self, n_examples: int) -> dict[str, Block]:
         blocks = {}
         for plan in self.plans:
-            if plan.structure(self.structure) == "kron":
+            if self.structures[plan.name] == "kron":
                 prepared = self.prepared[plan.name]
                 A = AffineRule.input_factor(prepared, self.kfac_approx)
                 blocks[plan.name] = KronBlock(
@@ -98,9 +104,14 @@ class StatisticAccumulator:
 
 
 def fallback_blocks(
-    module: nn.Module, plans: list[ModulePlan], inputs: tuple[Tensor, ...], vectors: Tensor, structure: str, dtype
+    module: nn.Module,
+    plans: list[ModulePlan],
+    inputs: tuple[Tensor, ...],
+    vectors: Tensor,
+    structures: dict[str, str],
+    dtype: torch.dtype,
 ) -> dict[str, Block]:
-    """Diagonal (or, for ``full``, dense) blocks from per-example gradients through torch.func."""
+    """Diagonal (or, for ``full`` in ``structures``, dense) blocks from per-example gradients through torch.func."""
     if not plans:
         return {}
     names = [n for p in plans for n in p.names]
@@ -110,7 +121,7 @@ def fallback_blocks(
         per_example = per_example_gradients(module, inputs, names, vectors, index).to(dtype)
         per_example = per_example.reshape(-1, per_example.shape[-1])
         for i, part in enumerate(per_example.split(sizes, dim=1)):
-            value = part.T @ part if structure == "full" else part.square().sum(0)
+            value = part.T @ part if structures[plans[i].name] == "full" else part.square().sum(0)
             totals[i] = value if totals[i] is None else totals[i].add_(value)
     return {p.name: dense_or_diag_block(p, total) for p, total in zip(plans, totals)}
 

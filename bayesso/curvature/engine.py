@@ -10,8 +10,9 @@ kind (docs/curvature.md §1), all for the SUMMED NLL sum_i l_i over the batch:
 - ``hessian``: the exact Hessian blocks (one Hessian-vector product per parameter).
 
 structure: ``diag`` (diagonal of the exact block), ``kron`` (K-FAC, G ⊗ A, for
-Linear and convolutions; diagonal for other modules) or ``full`` (dense block).
-Blocks are per module (block-diagonal over modules).
+Linear and convolutions; diagonal for other modules) or ``full`` (dense block), or a
+mapping from module types and names to these (``structures.py``). Blocks are per
+module (block-diagonal over modules).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from bayesso.curvature.curvature import Curvature
 from bayesso.curvature.hessian import hessian_blocks
 from bayesso.curvature.plan import ModulePlan, plan_modules, trainable_parameters
 from bayesso.curvature.recorder import CallRecorder
+from bayesso.curvature.structures import STRUCTURES, Structure, requested_structures, structure_label
 from bayesso.likelihoods import Likelihood, get_likelihood
 
 __all__ = ["KINDS", "STRUCTURES", "CurvatureEngine"]
 
 KINDS = ("ggn", "fisher_mc", "fisher_emp", "hessian")
-STRUCTURES = ("diag", "kron", "full")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
@@ -45,7 +46,9 @@ class CurvatureEngine:
         module: any ``nn.Module`` whose forward takes the batch (dimension 0) and returns outputs.
         likelihood: "classification", "binary", "regression", "heteroscedastic" or a ``Likelihood``.
         kind: "ggn", "fisher_mc", "fisher_emp" or "hessian".
-        structure: "diag", "kron" or "full".
+        structure: "diag", "kron" or "full", or a mapping from module types and module names to them, e.g.
+            ``{nn.Conv2d: "kron", nn.BatchNorm2d: "diag", "classifier": "full"}`` (``bayesso.curvature.structures``:
+            a module's own name first, then its nearest class, else "diag").
         modules: restrict to these modules (names or module objects), or "last_layer" (the last
             module, in registration order, with trainable parameters). Default: all.
         kfac_approx: K-FAC for weight sharing (positions, repeated calls): "expand" (KFC) or "reduce".
@@ -59,7 +62,7 @@ class CurvatureEngine:
         module: nn.Module,
         likelihood: str | Likelihood,
         kind: str = "ggn",
-        structure: str = "diag",
+        structure: Structure = "diag",
         *,
         modules: Iterable[str | nn.Module] | str | None = None,
         kfac_approx: str = "expand",
@@ -70,10 +73,7 @@ class CurvatureEngine:
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
         _check_choice("kind", kind, KINDS)
-        _check_choice("structure", structure, STRUCTURES)
         _check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
-        if kind == "hessian" and structure == "kron":
-            raise ValueError("kind='hessian' supports structure 'diag' or 'full', got structure='kron'")
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
         self.module = module
@@ -88,6 +88,12 @@ class CurvatureEngine:
             dtype = torch.float64 if any(p.dtype == torch.float64 for _, p in trainable) else torch.float32
         self.dtype = dtype
         self.plans = plan_modules(module, modules, use_rules=kind != "hessian")
+        self.structures = requested_structures(self.plans, structure)  # by plan name, before the K-FAC fallback
+        if kind == "hessian" and "kron" in self.structures.values():
+            kron = [name for name, value in self.structures.items() if value == "kron"]
+            raise ValueError(
+                f"kind='hessian' supports structure 'diag' or 'full', got structure='kron' for modules {kron}"
+            )
         self._check_sizes(max_dense_bytes)
         self._warned: set[str] = set()
         self.warn_training_batchnorm = True  # off where the caller, not the user, chose training mode
@@ -96,15 +102,15 @@ class CurvatureEngine:
             self._warn_fallback(fallback, "no curvature rule, or parameters shared with another module")
 
     def _check_sizes(self, max_dense_bytes: int) -> None:
-        if self.structure != "full" and self.kind != "hessian":
-            return
         itemsize = torch.finfo(self.dtype).bits // 8
         for plan in self.plans:
+            if self.structures[plan.name] != "full" and self.kind != "hessian":
+                continue
             size = plan.numel**2 * itemsize
             if size > max_dense_bytes:
-                what = "a Hessian block, one Hessian-vector product per parameter," if self.kind == "hessian" else ""
+                what = "a Hessian block, one Hessian-vector product per parameter, " if self.kind == "hessian" else ""
                 raise ValueError(
-                    f"structure={self.structure!r} with kind={self.kind!r} needs {what} a {plan.numel:,} x "
+                    f"structure {self.structures[plan.name]!r} with kind={self.kind!r} needs {what}a {plan.numel:,} x "
                     f"{plan.numel:,} block for module {plan.label()}: {size / 2**30:.2f} GiB in {self.dtype}, above "
                     f"max_dense_bytes={max_dense_bytes / 2**30:.2f} GiB. Use structure='kron' or 'diag' with kind="
                     "'ggn', restrict the engine with modules=..., or raise max_dense_bytes."
@@ -115,7 +121,8 @@ class CurvatureEngine:
         if not new:
             return
         self._warned.update(p.name for p in new)
-        note = "; structure 'kron' falls back to 'diag' for them" if self.structure == "kron" else ""
+        kron = any(self.structures[p.name] == "kron" for p in new)
+        note = "; structure 'kron' falls back to 'diag' for them" if kron else ""
         warnings.warn(
             f"curvature of {', '.join(p.label() for p in new)} uses the generic torch.func fallback "
             f"(per-example gradients through the whole model; {reason}){note}",
@@ -134,10 +141,14 @@ class CurvatureEngine:
         batch_size = _check_batch(inputs, y)
         self.likelihood.check_targets(y)
         if self.kind == "hessian":
-            names = {p.name: list(p.names) for p in self.plans}
-            values = hessian_blocks(
-                self.module, self.likelihood, inputs, y, names, self.structure == "diag", self.dtype
-            )
+            values = {}
+            for diagonal_only in (True, False):
+                wanted = "diag" if diagonal_only else "full"
+                names = {p.name: list(p.names) for p in self.plans if self.structures[p.name] == wanted}
+                if names:
+                    values.update(
+                        hessian_blocks(self.module, self.likelihood, inputs, y, names, diagonal_only, self.dtype)
+                    )
             return self._curvature({p.name: dense_or_diag_block(p, values[p.name]) for p in self.plans}, batch_size)
         hooked = {p.name: p.module for p in self.plans if p.rule is not None}
         with CallRecorder(hooked, batch_size) as recorder, torch.enable_grad():
@@ -171,7 +182,7 @@ class CurvatureEngine:
         if uncalled:
             self._warn_fallback(uncalled, "not called through its own forward")
         called = [p for p in with_rule if recorder.calls[p.name]]
-        return StatisticAccumulator(called, recorder, self.structure, self.kfac_approx, self.dtype)
+        return StatisticAccumulator(called, recorder, self.structures, self.kfac_approx, self.dtype)
 
     def _run_passes(
         self, accumulator: StatisticAccumulator, recorder: CallRecorder, outputs: Tensor, vectors: Tensor, retain_graph
@@ -194,7 +205,7 @@ class CurvatureEngine:
     ) -> Curvature:
         blocks = accumulator.blocks(batch_size)
         rest = [p for p in self.plans if p.name not in blocks]
-        blocks.update(fallback_blocks(self.module, rest, inputs, vectors, self.structure, self.dtype))
+        blocks.update(fallback_blocks(self.module, rest, inputs, vectors, self.structures, self.dtype))
         return self._curvature({p.name: blocks[p.name] for p in self.plans}, batch_size)
 
     def _curvature(self, blocks: dict[str, Block], batch_size: int) -> Curvature:
@@ -217,7 +228,8 @@ class CurvatureEngine:
 
     def __repr__(self) -> str:
         return (
-            f"CurvatureEngine(kind={self.kind!r}, structure={self.structure!r}, likelihood={self.likelihood!r}, "
+            f"CurvatureEngine(kind={self.kind!r}, structure={structure_label(self.structure)!r}, "
+            f"likelihood={self.likelihood!r}, "
             f"modules=[{', '.join(p.label() for p in self.plans)}])"
         )
 

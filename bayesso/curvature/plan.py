@@ -113,12 +113,14 @@ def _selected(module: nn.Module, modules) -> set[str]:
     return selected
 
 
-def zero_curvature(module: nn.Module, plans: list[ModulePlan], structure: str, dtype: torch.dtype) -> Curvature:
-    """A curvature of zeros with the block structure ``plans`` get under ``structure``."""
+def zero_curvature(
+    module: nn.Module, plans: list[ModulePlan], structures: dict[str, str], dtype: torch.dtype
+) -> Curvature:
+    """A curvature of zeros with the block structures ``plans`` get under the requested ``structures`` (by name)."""
     device = plans[0].parameters[0].device
     blocks: dict[str, Block] = {}
     for plan in plans:
-        kind = plan.structure(structure)
+        kind = plan.structure(structures[plan.name])
         if kind == "kron":
             layout = plan.layout()
             A = torch.zeros(layout.groups, layout.input_dim, layout.input_dim, dtype=dtype, device=device)

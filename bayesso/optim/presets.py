@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from bayesso.optim.dropin import require_bayesian_model
 from bayesso.optim.vi import VIOptimizer
-from bayesso.posteriors import KroneckerGaussian
+from bayesso.posteriors import KroneckerGaussian, MixedGaussian
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
@@ -76,7 +76,8 @@ class NoisyAdam(_Preset):
 class NoisyKFAC(_Preset):
     """Noisy K-FAC (Zhang et al. 2018): matrix-normal posterior from MC-Fisher K-FAC factors.
 
-    Needs ``posterior="kron"``; the paper's damping is the posterior's ``kfac_damping="factored"``.
+    Needs ``posterior="kron"`` (or a per-module mapping); the paper's damping is the posterior's
+    ``kfac_damping="factored"``.
     Factors refresh every ``curv_interval`` steps, their eigendecompositions every ``inv_interval``
     (default 10). Defaults: lr 5e-3, γ_ex = 0.03, β = (0.9, 0.99), h0 = 0.5 (A = G = sqrt(h0) I);
     without h0 the first factors come from one batch and the steps in their null space went
@@ -95,6 +96,9 @@ class NoisyKFAC(_Preset):
 
     def __init__(self, model: BayesianModel, lr: float | None = None, **options) -> None:
         require_bayesian_model(model, "NoisyKFAC")
-        if not isinstance(model.posterior, KroneckerGaussian):
-            raise ValueError(f"NoisyKFAC needs a KroneckerGaussian posterior, got {type(model.posterior).__name__}")
+        if not isinstance(model.posterior, (KroneckerGaussian, MixedGaussian)):
+            raise ValueError(
+                f"NoisyKFAC needs a KroneckerGaussian (or per-module MixedGaussian) posterior, got "
+                f"{type(model.posterior).__name__}"
+            )
         super().__init__(model, lr, **options)

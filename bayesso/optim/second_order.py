@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import CurvatureEngine
+from bayesso.curvature.structures import Structure, check_structure
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Likelihood, get_likelihood
 from bayesso.optim.accumulation import (
@@ -42,7 +43,7 @@ from bayesso.optim.accumulation import (
 )
 from bayesso.optim.atomic import atomic_step, check_candidate
 from bayesso.placement import converted, converted_sums, moved_generator
-from bayesso.posteriors import POSTERIORS
+from bayesso.posteriors import build_posterior
 from bayesso.saved_state import check_count, check_keys, check_tensor
 
 __all__ = ["SecondOrderOptimizer"]
@@ -57,7 +58,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         module: the model.
         likelihood: its likelihood ("classification", "binary", "regression", ...).
         kind: curvature "fisher_mc" (K-FAC's usual 1-sample MC Fisher), "fisher_emp" or "ggn".
-        structure: "kron" (K-FAC, diagonal for modules without a rule), "diag" or "full".
+        structure: "kron" (K-FAC, diagonal for modules without a rule), "diag" or "full", or a mapping from module
+            types and names to these (``MixedGaussian``), e.g. ``{nn.Conv2d: "kron", nn.BatchNorm2d: "diag"}``.
         lr: α. It and the next five live in the param group, so schedulers may change them
             (the step is in docs/second_order.md §1).
         damping: γ, added to the curvature.
@@ -86,7 +88,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         module: nn.Module,
         likelihood: str | Likelihood,
         kind: str = "fisher_mc",
-        structure: str = "kron",
+        structure: Structure = "kron",
         lr: float = 1e-2,
         damping: float = 1e-3,
         curv_interval: int = 1,
@@ -112,8 +114,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             )
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}; got {kind!r}")
-        if structure not in POSTERIORS:
-            raise ValueError(f"structure must be 'diag', 'kron' or 'full', got {structure!r}")
+        check_structure(structure)
         for name, value in [("curv_interval", curv_interval), ("inv_interval", inv_interval),
                             ("mc_samples", mc_samples), ("accumulation_steps", accumulation_steps)]:  # fmt: skip
             check_positive(name, value, integer=True)
@@ -122,14 +123,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         defaults = {"lr": lr, "damping": damping, "momentum": momentum, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay, "kl_clip": kl_clip}  # fmt: skip
         _check_group(defaults)
-        options = {"kfac_damping": kfac_damping} if structure == "kron" else {}
-        self.preconditioner = POSTERIORS[structure](module, dataset_size=1, modules=modules, **options)
+        options = {"kfac_damping": kfac_damping} if structure == "kron" or not isinstance(structure, str) else {}
+        self.preconditioner = build_posterior(module, structure, dataset_size=1, modules=modules, **options)
         self.preconditioner.deterministic = {plan.name for plan in self.preconditioner.plans}  # no prior term
         super().__init__(self.preconditioner.parameters, defaults)
         self.module, self.likelihood = module, get_likelihood(likelihood)
         names = [plan.name for plan in self.preconditioner.plans]
         self.engine = CurvatureEngine(
-            module, self.likelihood, kind, structure, modules=names, kfac_approx=kfac_approx, mc_samples=mc_samples
+            module,
+            self.likelihood,
+            kind,
+            self.preconditioner.curvature_structure,
+            modules=names,
+            kfac_approx=kfac_approx,
+            mc_samples=mc_samples,
         )
         self.curv_interval, self.inv_interval, self.beta = curv_interval, inv_interval, beta
         self.accumulation_steps, self.skip_nonfinite = accumulation_steps, skip_nonfinite

@@ -161,7 +161,7 @@ class VIOptimizer(torch.optim.Optimizer):
                     model.module,
                     model.likelihood,
                     curvature,
-                    posterior.structure,
+                    posterior.curvature_structure,
                     modules=[plan.name for plan in posterior.plans],
                     kfac_approx=kfac_approx,
                 )

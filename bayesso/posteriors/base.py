@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from bayesso.curvature import Block, Curvature, plan_modules, zero_curvature
+from bayesso.curvature.structures import Structure, requested_structures
 from bayesso.distributed import ProcessGrid
 from bayesso.placement import state_dtype
 from bayesso.posteriors.devices import Devices
@@ -71,10 +72,11 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
     ) -> None:
         self.module = module
         self.plans = plan_modules(module, modules)
+        self.requested = requested_structures(self.plans, self.curvature_structure)  # by block name
         first = self.plans[0].parameters[0]
         self._dtype = state_dtype(first.dtype)
         self._check_plans(self._dtype)
-        self.statistic: Curvature = zero_curvature(module, self.plans, self.structure, self._dtype)
+        self.statistic: Curvature = zero_curvature(module, self.plans, self.requested, self._dtype)
         self.initialized = False
         self.deterministic: set[str] = set()
         self._slices: dict[str, slice] = {}
@@ -93,6 +95,11 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         self._revision = 0  # bumped whenever the statistic or its decomposition changes
         self._damped_cache: tuple | None = None
         self._flat_damping_cache: tuple | None = None
+
+    @property
+    def curvature_structure(self) -> Structure:
+        """The ``structure`` argument of a ``CurvatureEngine`` whose blocks this posterior takes."""
+        return self.structure
 
     # ---- statistic and decompositions --------------------------------------------------------
     def _check_plans(self, dtype: torch.dtype) -> None:

@@ -5,11 +5,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bayesso.curvature import Block
+from bayesso.curvature import Block, ModulePlan
 from bayesso.posteriors.base import Posterior
 from bayesso.posteriors.eigenbasis import Eigenbasis, symmetric_eigh
 
-__all__ = ["DenseBasis", "FullGaussian"]
+__all__ = ["DenseBasis", "FullGaussian", "check_dense_sizes"]
+
+
+def check_dense_sizes(posterior: Posterior, plans: list[ModulePlan], dtype: torch.dtype) -> None:
+    """Refuse a dense block of ``plans`` above ``posterior.max_dense_bytes`` in ``dtype`` (before allocating)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    for plan in plans:
+        size = plan.numel**2 * itemsize
+        if size > posterior.max_dense_bytes:
+            raise ValueError(
+                f"{type(posterior).__name__} needs a {plan.numel:,} x {plan.numel:,} block for module {plan.label()}: "
+                f"{size / 2**30:.2f} GiB in {dtype}, above max_dense_bytes={posterior.max_dense_bytes / 2**30:.2f} "
+                "GiB. Use KroneckerGaussian or DiagonalGaussian (or 'kron'/'diag' for that module), restrict "
+                "modules=..., or raise max_dense_bytes."
+            )
 
 
 class DenseBasis(Eigenbasis):
@@ -55,15 +69,7 @@ class FullGaussian(Posterior):
         super().__init__(module, **kwargs)
 
     def _check_plans(self, dtype: torch.dtype) -> None:
-        itemsize = torch.finfo(dtype).bits // 8
-        for plan in self.plans:
-            size = plan.numel**2 * itemsize
-            if size > self.max_dense_bytes:
-                raise ValueError(
-                    f"FullGaussian needs a {plan.numel:,} x {plan.numel:,} block for module {plan.label()}: "
-                    f"{size / 2**30:.2f} GiB in {dtype}, above max_dense_bytes={self.max_dense_bytes / 2**30:.2f} GiB. "
-                    "Use KroneckerGaussian or DiagonalGaussian, restrict modules=..., or raise max_dense_bytes."
-                )
+        check_dense_sizes(self, self.plans, dtype)
 
     def _factors(self, block: Block) -> list[Tensor]:
         return [block.to_dense()]

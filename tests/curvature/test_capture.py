@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayesso.curvature import CurvatureEngine
-from tests.cases import CASES, CASES_BY_NAME
+from tests.cases import CASES, CASES_BY_NAME, mixed_structures
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -16,11 +16,13 @@ def mean_nll_step(model, likelihood, x, y):
     return loss
 
 
-@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+@pytest.mark.parametrize("structure", ["diag", "kron", "full", "mixed"])
 @pytest.mark.parametrize("kind", ["ggn", "fisher_mc", "fisher_emp"])
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_capture_equals_compute_and_keeps_the_gradient(case, kind, structure):
     model, x, y = case.data()
+    if structure == "mixed":
+        structure = mixed_structures(model)
     engine = CurvatureEngine(model, case.likelihood, kind, structure)
     with engine.capture(generator=torch.Generator().manual_seed(5)) as capture:
         mean_nll_step(model, case.likelihood, x, y)

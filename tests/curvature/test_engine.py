@@ -9,7 +9,7 @@ from torch import nn
 from bayesso.curvature import CurvatureEngine
 from bayesso.likelihoods import Classification, Regression
 from tests import dense
-from tests.cases import CASES, CASES_BY_NAME
+from tests.cases import CASES, CASES_BY_NAME, mixed_structures
 
 EXACT_KINDS = ["ggn", "fisher_emp", "hessian"]
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -37,6 +37,30 @@ def test_diag_equals_dense_reference_diagonal(case, kind):
     result = engine(model, case.likelihood, kind, "diag").compute(x, y)
     torch.testing.assert_close(result.diagonal(), reference.diagonal(), **TOL)
     torch.testing.assert_close(result.to_dense(), torch.diag(reference.diagonal()), **TOL)
+
+
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_mixed_structures_equal_the_references_block_by_block(case, kind):
+    """Per-module structures: full blocks are the dense reference's blocks, diagonal blocks its diagonal, and
+    Kronecker blocks the single-structure K-FAC blocks (themselves checked against their definition)."""
+    model, x, y = case.data()
+    structures = mixed_structures(model, ("full", "diag") if kind == "hessian" else ("full", "kron", "diag"))
+    reference = dense.reference(kind, model, case.likelihood, x, y)
+    result = engine(model, case.likelihood, kind, structures).compute(x, y)
+    kron = None if kind == "hessian" else engine(model, case.likelihood, kind, "kron").compute(x, y)
+    where = dense.offsets(model)
+    for name, block in result.blocks.items():
+        index = torch.cat([torch.arange(where[n].start, where[n].stop) for n in block.names])
+        expected = reference[index.unsqueeze(1), index.unsqueeze(0)]
+        if structures[name] == "full":
+            assert block.structure == "full"
+            torch.testing.assert_close(block.to_dense(), expected, **TOL)
+        elif block.structure == "diag":  # asked for, or "kron" without a K-FAC rule
+            torch.testing.assert_close(block.to_dense(), torch.diag(expected.diagonal()), **TOL)
+        else:
+            assert structures[name] == "kron" and kron.blocks[name].structure == "kron"
+            torch.testing.assert_close(block.to_dense(), kron.blocks[name].to_dense(), **TOL)
 
 
 @pytest.mark.parametrize("kind", ["ggn", "fisher_emp", "fisher_mc"])

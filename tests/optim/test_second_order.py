@@ -10,7 +10,7 @@ from torch import nn
 from bayesso.curvature import CurvatureEngine, KronBlock
 from bayesso.likelihoods import Regression
 from bayesso.optim import SecondOrderOptimizer
-from tests.cases import CASES_BY_NAME
+from tests.cases import CASES_BY_NAME, mixed_structures
 from tests.dense import posterior_index
 
 
@@ -47,6 +47,8 @@ def _dense_step(case_name: str, structure: str, kfac_damping: str, damping: floa
     """(actual parameter change, expected -lr (F + damping)⁻¹ g from the engine's dense blocks)."""
     case = CASES_BY_NAME[case_name]
     module, x, y = case.data(batch_size=7)
+    if structure == "mixed":
+        structure = mixed_structures(module)
     optimizer = SecondOrderOptimizer(module, case.likelihood, kind="ggn", structure=structure, lr=lr, damping=damping,
                                      momentum=0.0, kl_clip=None, kfac_damping=kfac_damping)  # fmt: skip
     curvature = CurvatureEngine(module, case.likelihood, "ggn", structure).compute(x, y) * (1 / 7)
@@ -77,7 +79,14 @@ def _dense_step(case_name: str, structure: str, kfac_damping: str, damping: floa
 
 @pytest.mark.parametrize(
     "structure, kfac_damping",
-    [("diag", "exact"), ("full", "exact"), ("kron", "exact"), ("kron", "factored")],
+    [
+        ("diag", "exact"),
+        ("full", "exact"),
+        ("kron", "exact"),
+        ("kron", "factored"),
+        ("mixed", "exact"),
+        ("mixed", "factored"),
+    ],
 )
 @pytest.mark.parametrize("name", ["mlp", "conv2d", "layernorm_groupnorm", "batchnorm", "embedding", "mlp_regression"])
 def test_the_step_is_a_dense_damped_solve_for_every_structure(name, structure, kfac_damping):
@@ -238,7 +247,7 @@ def test_bad_hyperparameters_and_non_finite_steps():
         ({"kl_clip": -1.0}, "kl_clip must be positive and finite"),
         ({"weight_decay": float("nan")}, "weight_decay must be non-negative and finite"),
         ({"kind": "hessian"}, "kind must be one of"),
-        ({"structure": "dense"}, "structure must be 'diag', 'kron' or 'full'"),
+        ({"structure": "dense"}, "structure must be one of 'diag', 'kron', 'full' or a mapping; got 'dense'"),
         ({"kfac_damping": "tikhonov"}, "kfac_damping must be 'exact' or 'factored'"),
     ]:
         with pytest.raises(ValueError, match=message):

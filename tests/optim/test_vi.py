@@ -5,10 +5,13 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import vector_to_parameters
 
 from bayesso import BayesianModel
+from bayesso.curvature import CurvatureEngine
 from bayesso.optim import IVON, VOGN, NoisyAdam, NoisyKFAC, VIOptimizer
 from bayesso.optim.ivon import ivon_hessian_update
+from tests import dense
 from tests.cases import CASES_BY_NAME
 
 
@@ -52,6 +55,33 @@ def test_full_gaussian_is_the_exact_posterior_after_one_step():
         scheduler.step()
     std = model.posterior.variance().sqrt()
     assert ((model.posterior.mean() - mean).abs() < 0.25 * std).all()
+
+
+def test_a_mixed_posterior_takes_the_per_block_newton_step_from_the_mean():
+    """First step at the mean with betas 0 and lr 1: S is the batch's GGN per block (dense for the full block, the
+    K-FAC block for the Kronecker one) and the mean moves by -(S + λ)⁻¹(g + δ̃μ) in each block."""
+    X, y, _, _ = linear_regression()
+    torch.manual_seed(2)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    structures = {"0": "full", nn.Linear: "kron"}
+    model = BayesianModel(module, "regression", structures, prior_precision=2.0, dataset_size=40, sigma=0.5)
+    start = model.posterior.mean()
+    optimizer = VIOptimizer(model, lr=1.0, curvature="ggn", betas=(0.0, 0.0))
+    optimizer.step(closure_for(model, optimizer, X, y))
+    module_at_start = copy.deepcopy(module)
+    vector_to_parameters(start, module_at_start.parameters())
+    gauss_newton = dense.ggn(module_at_start, model.likelihood, X, y) / 40
+    kron = CurvatureEngine(module_at_start, model.likelihood, "ggn", "kron").compute(X, y).blocks["2"].to_dense() / 40
+    first = slice(0, 16)
+    statistic = torch.block_diag(gauss_newton[first, first], kron)
+    damping = 1.0 * 2.0 / 40
+    precision = statistic + damping * torch.eye(21, dtype=torch.float64)
+    torch.testing.assert_close(model.posterior.precision_dense(), 40 * precision, rtol=1e-10, atol=1e-10)
+    module_at_start.zero_grad()
+    (model.likelihood.nll(module_at_start(X), y) / 40).backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in module_at_start.parameters()])
+    expected = start - torch.linalg.solve(precision, gradient + damping * start)
+    torch.testing.assert_close(model.posterior.mean(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_diagonal_gaussian_reaches_the_mean_field_optimum():
@@ -261,7 +291,7 @@ def test_bad_hyperparameters_raise_value_error(options, match):
 
 def test_presets_check_the_posterior_and_the_closure():
     model, _, _ = classifier("diag")
-    with pytest.raises(ValueError, match="NoisyKFAC needs a KroneckerGaussian posterior, got DiagonalGaussian"):
+    with pytest.raises(ValueError, match="NoisyKFAC needs a KroneckerGaussian .*, got DiagonalGaussian"):
         NoisyKFAC(model)
     kron, _, _ = classifier("kron")
     with pytest.raises(ValueError, match="IVON needs a DiagonalGaussian posterior, got KroneckerGaussian"):

@@ -1,14 +1,24 @@
-"""Posterior algebra for all three families against dense closed forms and torch.distributions."""
+"""Posterior algebra for all families (and per-module mixtures) against dense closed forms and torch.distributions."""
+
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
 from bayesso.curvature import CurvatureEngine
-from bayesso.posteriors import DiagonalGaussian, FullGaussian, KroneckerGaussian
+from bayesso.posteriors import DiagonalGaussian, FullGaussian, KroneckerGaussian, MixedGaussian
 from tests.cases import CASES_BY_NAME
 
-FAMILIES = {"diag": DiagonalGaussian, "kron": KroneckerGaussian, "full": FullGaussian}
+# layernorm_groupnorm's blocks: 0 Conv1d (kron), 1 GroupNorm (full), 3 Linear (full, by name), 4 LayerNorm (diag),
+# 6 Linear (kron, by type)
+MIXED = {nn.Conv1d: "kron", nn.GroupNorm: "full", "3": "full", nn.Linear: "kron", nn.LayerNorm: "diag"}
+FAMILIES = {
+    "diag": DiagonalGaussian,
+    "kron": KroneckerGaussian,
+    "full": FullGaussian,
+    "mixed": partial(MixedGaussian, structures=MIXED),
+}
 TOL = dict(rtol=1e-9, atol=1e-10)
 N, TAU, DELTA, GAMMA = 60, 0.7, 2.0, 1e-3
 
@@ -20,7 +30,8 @@ def fitted(structure, case="layernorm_groupnorm", **options):
     posterior = FAMILIES[structure](
         model, prior_precision=DELTA, dataset_size=N, temperature=TAU, damping=GAMMA, **options
     )
-    curvature = CurvatureEngine(model, case.likelihood, "ggn", structure).compute(x, y) * (1 / 6)
+    engine = CurvatureEngine(model, case.likelihood, "ggn", posterior.curvature_structure)
+    curvature = engine.compute(x, y) * (1 / 6)
     posterior.update_statistic(curvature)
     return posterior, curvature.to_dense()
 

@@ -72,7 +72,7 @@ def test_mc_moments_are_those_of_the_drawn_means_and_variances():
 
 
 @pytest.mark.parametrize("keep_samples", [False, True])
-@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+@pytest.mark.parametrize("structure", ["diag", "kron", "full", "mixed"])
 def test_linearized_epistemic_is_the_mean_block_of_j_sigma_jt_and_aleatoric_the_lognormal_mean(structure, keep_samples):
     model, x, _ = fitted_bayesian_model(structure, CASE)
     gen = torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ def _covered_jacobian(model: BayesianModel, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.filterwarnings("ignore:module 'fc' \\(Linear\\) was not called")
-@pytest.mark.parametrize("structure", ["diag", "kron", "full"])
+@pytest.mark.parametrize("structure", ["diag", "kron", "full", "mixed"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_output_covariance_is_j_sigma_jt(case, structure):
     model, x, _ = fitted_bayesian_model(structure, case.name)
