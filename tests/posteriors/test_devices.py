@@ -1,10 +1,12 @@
 """Posteriors follow their module's device and dtype: Posterior.to, follow_module, all or nothing."""
 
+from functools import partial
+
 import pytest
 import torch
 
 from bayesso.curvature import CurvatureEngine
-from bayesso.posteriors import DiagonalGaussian, FullGaussian, KroneckerGaussian
+from bayesso.posteriors import DiagonalGaussian, FullGaussian, KroneckerGaussian, MixedGaussian
 from tests.cases import CASES_BY_NAME
 from tests.state import assert_unchanged, posterior_tensors, snapshot
 
@@ -13,6 +15,7 @@ FAMILIES = {
     "kron": (KroneckerGaussian, {}),
     "kron_factored": (KroneckerGaussian, {"kfac_damping": "factored"}),
     "full": (FullGaussian, {}),
+    "mixed": (partial(MixedGaussian, structures={"0": "full", "2": "kron"}), {"kfac_damping": "factored"}),
 }
 
 
@@ -23,7 +26,8 @@ def fitted32(family: str, **options):
     module, x, y = case.data(batch_size=8)
     module, x = module.float(), x.float()
     posterior = cls(module, prior_precision=2.0, dataset_size=40, damping=1e-3, **defaults, **options)
-    posterior.update_statistic(CurvatureEngine(module, case.likelihood, "ggn", cls.structure).compute(x, y) * 0.125)
+    engine = CurvatureEngine(module, case.likelihood, "ggn", posterior.curvature_structure)
+    posterior.update_statistic(engine.compute(x, y) * 0.125)
     posterior.precondition(torch.ones(posterior.numel))  # decompositions and factored inverses in place
     return posterior
 
