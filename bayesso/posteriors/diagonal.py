@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributions import Independent, Normal
 
 from bayesso.curvature import Block
 from bayesso.posteriors.base import Posterior
+from bayesso.posteriors.distributions import NormalBlock
 from bayesso.posteriors.eigenbasis import Eigenbasis
 
 __all__ = ["DiagonalBasis", "DiagonalGaussian"]
@@ -43,6 +45,9 @@ class DiagonalBasis(Eigenbasis):
 
     def dense(self, weights: Tensor) -> Tensor:
         return torch.diag(weights)
+
+    def distribution(self, loc: Tensor, variances: Tensor) -> NormalBlock:
+        return NormalBlock(Independent(Normal(loc, variances.sqrt()), 1))
 
 
 class DiagonalGaussian(Posterior):

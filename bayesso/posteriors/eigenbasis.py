@@ -7,8 +7,10 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
+from torch.distributions import MultivariateNormal
 
 from bayesso.placement import converted
+from bayesso.posteriors.distributions import NormalBlock
 
 __all__ = ["Eigenbasis", "symmetric_eigh"]
 
@@ -83,6 +85,10 @@ class Eigenbasis(ABC):
         moved = copy.copy(self)
         vars(moved).update(converted(vars(self), device, dtype))
         return moved
+
+    def distribution(self, loc: Tensor, variances: Tensor) -> NormalBlock:
+        """N(loc, Q diag(variances) Qᵀ) over the block's slice (numel,): a dense ``MultivariateNormal`` here."""
+        return NormalBlock(MultivariateNormal(loc, covariance_matrix=self.dense(variances)))
 
     def dense(self, weights: Tensor) -> Tensor:
         """Q diag(weights) Qᵀ, shape (numel, numel)."""

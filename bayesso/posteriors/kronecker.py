@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributions import Independent
 
 from bayesso.curvature import AffineLayout, Block, KronBlock
 from bayesso.posteriors.base import Posterior
 from bayesso.posteriors.diagonal import DiagonalBasis
+from bayesso.posteriors.distributions import KroneckerNormal, NormalBlock
 from bayesso.posteriors.eigenbasis import Eigenbasis, symmetric_eigh
 
 __all__ = ["KroneckerBasis", "KroneckerGaussian"]
@@ -96,6 +98,13 @@ class KroneckerBasis(Eigenbasis):
             self._inverses = (key, g_inv, a_inv)
         _, g_inv, a_inv = self._inverses
         return self._flat(g_inv @ self._matrix(v) @ a_inv)
+
+    def distribution(self, loc: Tensor, variances: Tensor) -> NormalBlock:
+        """A ``KroneckerNormal`` per group over [W_g | b_g] (out, in): a matrix normal if damping is factored."""
+        lay = self.layout
+        shape = (lay.groups, lay.out_features, lay.input_dim)
+        normal = KroneckerNormal(self._matrix(loc), self.QG, self.QA, variances.reshape(shape))
+        return NormalBlock(Independent(normal, 1), self._matrix, self._flat)
 
     def diagonal(self, weights: Tensor) -> Tensor:
         lay = self.layout

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from bayesso.posteriors.distributions import BlockNormal
+
 __all__ = ["PRECISION_FLOOR", "GaussianMeasures"]
 
 # Per-example damped eigenvalues are floored here so that a block with no prior,
@@ -60,6 +62,23 @@ class GaussianMeasures:
             values = self._basis(name).eigenvalues(damping[i] / statistic_scale).clamp_min(PRECISION_FLOOR)
             total = total + (scale * statistic_scale * values.double()).log().sum()
         return total
+
+    def distribution(self) -> BlockNormal:
+        """q as a ``torch.distributions.Distribution`` over the random blocks' parameters (flat, in block order).
+
+        Diagonal blocks are ``Independent(Normal)``, Kronecker blocks a ``KroneckerNormal`` per group over the
+        (out, in) matrix [W | b] (the matrix normal under factored damping), full blocks a ``MultivariateNormal``;
+        nothing forms the P x P covariance but the full blocks. Deterministic blocks are left out (without any,
+        the vector is the posterior's flat vector). Each call reflects the posterior at that time.
+        """
+        damped, scale, mean = self._damped(), self._scale(), self.mean()
+        blocks, start = {}, 0
+        for _, name in self._random():
+            loc = mean[self._slices[name]]
+            where = slice(start, start + loc.numel())
+            blocks[name] = (self._basis(name).distribution(loc, 1 / (scale * damped[name])), where)
+            start = where.stop
+        return BlockNormal(blocks, start)
 
     def entropy(self) -> Tensor:
         """Differential entropy of q in nats."""
