@@ -305,17 +305,23 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
         where = self.device if generator is None else generator.device
         eps = torch.randn(n, self.numel, dtype=self.dtype, device=where, generator=generator).to(self.device)
+        return self.root_noise(eps), eps
+
+    def root_noise(self, eps: Tensor) -> Tensor:
+        """Σ^(1/2) ε for ε (..., P) with the symmetric root (zero for deterministic blocks): ``sample_noise``'s map."""
+        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
         if flat is not None:
-            return eps * flat[1], eps
+            return eps * flat[1]
         noise = torch.zeros_like(eps)
         for _, name in self._random():
             where = self._slices[name]
             basis = self._basis(name)
-            noise[:, where] = basis.from_eigenbasis(basis.to_eigenbasis(eps[:, where]) / (scale * damped[name]).sqrt())
-        return noise, eps
+            noise[..., where] = basis.from_eigenbasis(
+                basis.to_eigenbasis(eps[..., where]) / (scale * damped[name]).sqrt()
+            )
+        return noise
 
     def sample(self, n: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """n samples (n, P) of the flat parameter vector."""
@@ -359,24 +365,6 @@ class Posterior(Devices, Hyperparameters, GaussianMeasures, ABC):
         if name in self.deterministic:
             return self._basis(name), None
         return self._basis(name), self._scale() * self._damped()[name]
-
-    def variance(self) -> Tensor:
-        """Marginal variances (P,), zero for deterministic blocks."""
-        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
-        if flat is not None:
-            return flat[1].square()
-        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-        for _, name in self._random():
-            out[self._slices[name]] = self._basis(name).diagonal(1 / (scale * damped[name]))
-        return out
-
-    def covariance_traces(self) -> Tensor:
-        """tr Σ_m per block, shape (n_blocks,): Σ_k 1 / ((N/τ) e_k) over the damped eigenvalues (0 if deterministic)."""
-        damped, scale = self._damped(), self._scale()
-        traces = torch.zeros(len(self.plans), dtype=self.dtype, device=self.device)
-        for index, name in self._random():
-            traces[index] = (1 / (scale * damped[name])).sum()
-        return traces
 
     # ---- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,4 +1,5 @@
-"""Quantities of the Gaussian q = N(μ, Σ) over the random blocks: dense Σ and Σ⁻¹, log det Σ⁻¹, entropy, KL.
+"""Quantities of the Gaussian q = N(μ, Σ) over the random blocks: dense Σ and Σ⁻¹, variances, log det Σ⁻¹, entropy,
+KL, and q as a torch distribution.
 
 A mixin of ``Posterior`` (docs/posteriors.md §1): each block's precision is (N/τ) e in the
 eigenbasis of its statistic, with e the damped eigenvalues (``Posterior._damped``), so every
@@ -23,7 +24,8 @@ PRECISION_FLOOR = 1e-12
 
 
 class GaussianMeasures:
-    """Mixin of ``Posterior``: needs ``_damped``, ``_scale``, ``_basis``, ``_random``, ``_slices`` and ``plans``."""
+    """Mixin of ``Posterior``: needs ``_damped``, ``_scale``, ``_basis``, ``_random``, ``_slices``, ``_flat_diagonal``
+    and ``plans``."""
 
     def _dense(self, inverse: bool) -> Tensor:
         damped, scale = self._damped(), self._scale()
@@ -62,6 +64,24 @@ class GaussianMeasures:
             values = self._basis(name).eigenvalues(damping[i] / statistic_scale).clamp_min(PRECISION_FLOOR)
             total = total + (scale * statistic_scale * values.double()).log().sum()
         return total
+
+    def variance(self) -> Tensor:
+        """Marginal variances (P,), zero for deterministic blocks."""
+        damped, scale, flat = self._damped(), self._scale(), self._flat_diagonal()
+        if flat is not None:
+            return flat[1].square()
+        out = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        for _, name in self._random():
+            out[self._slices[name]] = self._basis(name).diagonal(1 / (scale * damped[name]))
+        return out
+
+    def covariance_traces(self) -> Tensor:
+        """tr Σ_m per block, shape (n_blocks,): Σ_k 1 / ((N/τ) e_k) over the damped eigenvalues (0 if deterministic)."""
+        damped, scale = self._damped(), self._scale()
+        traces = torch.zeros(len(self.plans), dtype=self.dtype, device=self.device)
+        for index, name in self._random():
+            traces[index] = (1 / (scale * damped[name])).sum()
+        return traces
 
     def distribution(self) -> BlockNormal:
         """q as a ``torch.distributions.Distribution`` over the random blocks' parameters (flat, in block order).
