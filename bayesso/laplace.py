@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from bayesso.batches import check_loader, checked_batch, located
+from bayesso.caller import user_stacklevel
 from bayesso.curvature import CurvatureEngine
 from bayesso.curvature.structures import Structure, check_structure, structure_label
 from bayesso.distributed import ProcessGrid
@@ -305,7 +306,7 @@ def _grid_search(model: BayesianModel, val_loader, grid, predictive: str, n_samp
         posterior.prior_precision = original
         raise
     if isinstance(model.likelihood, (Classification, Binary)):
-        warn_if_single_class(torch.cat(labels), "optimize_prior_precision(method='grid')", stacklevel=4)
+        warn_if_single_class(torch.cat(labels), "optimize_prior_precision(method='grid')", user_stacklevel() + 1)
     best = min(range(len(values)), key=scores.__getitem__)
     if len(values) > 1 and values[best] in (min(values), max(values)):
         edge = "largest" if values[best] == max(values) else "smallest"
@@ -314,7 +315,7 @@ def _grid_search(model: BayesianModel, val_loader, grid, predictive: str, n_samp
         warnings.warn(
             f"the best prior precision {values[best]:.3g} is the {edge} value of the grid; the optimum may lie "
             f"beyond it ({hint}): widen the grid",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     posterior.prior_precision = values[best]
     return {"prior_precision": posterior.prior_precision.clone(), "val_nll": scores[best],

@@ -2,20 +2,25 @@
 
 Every long loop of bayesso (``fit``, ``fit_laplace``, the prior precision search, ``evaluate``, the
 ensembles, the demo and the benchmarks) makes its bar here. A bar is shown where stderr is a
-terminal (redrawn in place at most every ``MIN_INTERVAL`` seconds) and in notebooks (a widget,
-through ``tqdm.auto``); where stderr is not a terminal (CI logs, ``nohup``, captured output) it
-writes nothing at all, postfix updates included (tqdm's ``disable=None``). Loops count each item
-with ``update()`` once it is done, so the count advances together with the postfix. ``fit`` also
-logs one INFO record per epoch to the ``bayesso.training`` logger, which ``logging.basicConfig(
-level=logging.INFO)`` shows anywhere. ``progress=False`` silences bars and records alike.
+terminal (redrawn in place at most every ``MIN_INTERVAL`` seconds) and in notebooks (a widget through
+``tqdm.auto`` where ipywidgets is installed, else the text bar, without tqdm's "IProgress not found");
+where stderr is not a terminal (CI logs, ``nohup``, captured output) it writes nothing at all, postfix
+updates included (tqdm's ``disable=None``). Loops count each item with ``update()`` once it is done, so
+the count advances together with the postfix. ``fit`` also logs one INFO record per epoch to the
+``bayesso.training`` logger, which ``logging.basicConfig(level=logging.INFO)`` shows anywhere.
+``progress=False`` silences bars and records alike.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+if importlib.util.find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm
+else:  # tqdm.auto's notebook bar needs ipywidgets, and warns in every notebook without it
+    from tqdm.std import tqdm
 
 __all__ = ["MIN_INTERVAL", "check_progress", "known_length", "progress_bar", "track"]
 

@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from bayesso import BayesianModel
 from bayesso.curvature import CurvatureEngine
 from bayesso.data import make_loader
+from bayesso.laplace import optimize_prior_precision
 from bayesso.likelihoods import Regression
 from bayesso.optim import VOGN
 from tests.cases import CASES_BY_NAME, mixed_structures
@@ -276,6 +278,21 @@ def test_evidence_maximisation_recovers_the_prior_precisions_and_the_noise():
         assert model.log_marginal_likelihood(torch.tensor(nudged, dtype=torch.float64)).item() < before
     scalar = model.optimize_prior_precision()
     assert scalar["prior_precision"].unique().numel() == 1 and scalar["sigma"] is None
+
+
+def test_grid_edge_warnings_point_at_the_callers_line_through_either_entry_point():
+    case = CASES_BY_NAME["mlp"]
+    module, x, y = case.data(batch_size=40)
+    model = BayesianModel(module, case.likelihood, "kron")
+    model.fit_laplace([(x[:30], y[:30])], progress=False)
+    options = dict(val_loader=[(x[30:], y[30:])], grid=[1e-8, 2e-8])  # far too small: the edge is chosen
+    for call in (
+        lambda: model.optimize_prior_precision("grid", **options),
+        lambda: optimize_prior_precision(model, "grid", **options),
+    ):
+        with pytest.warns(UserWarning, match="value of the grid") as caught:
+            call()
+        assert {Path(w.filename).name for w in caught} == {"test_laplace.py"}
 
 
 def test_grid_search_picks_the_lowest_validation_nll():
