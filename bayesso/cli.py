@@ -29,10 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="calibration study on bundled digits: Adam, Adam + TS, VOGN, noisy K-FAC, IVON, Laplace",
-        description="Train a small CNN on digits 0-4 six ways (Adam, Adam + temperature scaling, VOGN, noisy K-FAC, "
-        "IVON, last-layer Laplace); print accuracy, NLL, ECE, Brier, OOD AUROC (digits 5-9) and time per method; "
-        "write report.md, metrics.json and reliability diagrams to --out.",
+        help="calibration study on bundled digits: Adam, Adam + TS, VOGN, noisy K-FAC, IVON, BBB, Laplace",
+        description="Train a small CNN on digits 0-4 seven ways (Adam, Adam + temperature scaling, VOGN, noisy K-FAC, "
+        "IVON, Bayes by Backprop with Pyro installed, last-layer Laplace); print accuracy, NLL, ECE, Brier, "
+        "OOD AUROC (digits 5-9) and time per method; write report.md, metrics.json and reliability diagrams to --out.",
     )
     demo.add_argument("--out", type=Path, default=Path("bayesso-demo"), help="output folder (default bayesso-demo/)")
     demo.add_argument("--epochs", type=_positive_int, default=30, help="training epochs per method (default 30)")

@@ -1,18 +1,19 @@
 """``bayesso demo``: a calibration study on scikit-learn's bundled digits.
 
-A small CNN is trained on digits 0-4 six ways: Adam (the MAP baseline), Adam with
+A small CNN is trained on digits 0-4 seven ways: Adam (the MAP baseline), Adam with
 temperature scaling fitted on a held-out validation split, VOGN and IVON (diagonal
-posteriors) and noisy K-FAC (Kronecker posterior) at their defaults, and post-hoc Laplace
-on the Adam network (the README's recipe: last-layer Kronecker GGN, prior precision by
-validation NLL); the Bayesian ones predict with Monte Carlo over weight samples. Every
-method is scored on the same test images (accuracy, NLL, ECE, Brier) and on digits 5-9 as
-out-of-distribution inputs (AUROC of the maximum probability). ``compare_with_adam`` says
-where each method is better or worse than Adam. ``write_report`` writes report.md,
-metrics.json and reliability diagrams.
+posteriors), noisy K-FAC (Kronecker posterior) and Bayes by Backprop (Pyro's AutoNormal, when
+Pyro is installed) at their defaults, and post-hoc Laplace on the Adam network (the README's
+recipe: last-layer Kronecker GGN, prior precision by validation NLL); the Bayesian ones
+predict with Monte Carlo over weight samples. Every method is scored on the same test images
+(accuracy, NLL, ECE, Brier) and on digits 5-9 as out-of-distribution inputs (AUROC of the
+maximum probability). ``compare_with_adam`` says where each method is better or worse than
+Adam. ``write_report`` writes report.md, metrics.json and reliability diagrams.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 import warnings
@@ -110,12 +111,14 @@ def _train_adam(module: nn.Module, loader, config: DemoConfig, progress: bool) -
     module.eval()
 
 
+FITTED = {"vogn": "diag", "noisy_kfac": "kron", "ivon": "diag", "bbb": "diag"}  # BayesianModel.fit's, by posterior
 METHODS = [
     ("Adam (MAP)", "adam"),
     ("Adam + temperature scaling", "adam_temperature"),
     ("VOGN", "vogn"),
     ("noisy K-FAC", "noisy_kfac"),
     ("IVON", "ivon"),
+    *([("Bayes by Backprop (Pyro)", "bbb")] if importlib.util.find_spec("pyro") else []),
     ("Laplace (last layer)", "laplace"),
 ]
 COMPARED = [("accuracy", "accuracy", 1), ("nll", "NLL", -1), ("ece", "ECE", -1), ("auroc", "OOD AUROC", 1)]
@@ -175,9 +178,9 @@ def _one_seed(config: DemoConfig, seed: int, data: Split, x_val: Tensor, y_val: 
     note += "".join(f"; {warning.message}" for warning in caught)
     out["laplace"] = (probs, ood_probs, adam_seconds + time.perf_counter() - start, note)
 
-    for key, structure in [("vogn", "diag"), ("noisy_kfac", "kron"), ("ivon", "diag")]:
+    for key in [key for _, key in METHODS if key in FITTED]:
         torch.manual_seed(seed)
-        model = BayesianModel(small_cnn(len(IN_CLASSES), config.width), "classification", posterior=structure)
+        model = BayesianModel(small_cnn(len(IN_CLASSES), config.width), "classification", posterior=FITTED[key])
         start = time.perf_counter()
         model.fit(loader, method=key, epochs=config.epochs, progress=progress, seed=seed)
         generator = torch.Generator().manual_seed(seed)

@@ -107,8 +107,8 @@ def fit(
     schedule = options.pop("schedule", "cosine")
     infer_size = model.posterior.dataset_size is None and "dataset_size" not in options
     with grid.lockstep("fit arguments") as shared:  # refused on one rank: refused on every rank
-        if method not in PRESETS:
-            raise ValueError(f"method must be one of {sorted(PRESETS)}, got {method!r}")
+        if method not in PRESETS and method != "bbb":
+            raise ValueError(f"method must be one of {sorted([*PRESETS, 'bbb'])}, got {method!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         check_progress(progress)
@@ -136,11 +136,18 @@ def fit(
     saved = ModelState(model)
     optimizer = None
     try:
-        optimizer = PRESETS[method](model, grid=grid, **options)
-        if optimizer.engine is not None:  # fit sets the training mode itself: no advice to switch it
-            optimizer.engine.warn_training_batchnorm = False
-        noise = NoiseEstimate() if learn_noise else None
-        run = _Run(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid, noise, schedule)
+        if method == "bbb":  # Bayes by Backprop with Pyro; without it an ImportError names the extra
+            from bayesso.bbb import BayesByBackprop, BBBRun
+
+            optimizer = BayesByBackprop(model, grid=grid, learn_noise=learn_noise, **options)
+            run_type, noise = BBBRun, None
+        else:
+            optimizer, run_type = PRESETS[method](model, grid=grid, **options), _Run
+            if optimizer.engine is not None:  # fit sets the training mode itself: no advice to switch it
+                optimizer.engine.warn_training_batchnorm = False
+            noise = NoiseEstimate() if learn_noise else None
+        run = run_type(model, optimizer, loader, method, epochs, progress, files, checkpoint_every, grid, noise,
+                       schedule)  # fmt: skip
         if files is not None and resume:
             run.resume(files.latest())
         run.train()

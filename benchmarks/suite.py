@@ -7,9 +7,10 @@ generated 1-D signals with 12,000 training examples (OOD: unseen frequencies), b
 diabetes, a generated heteroscedastic set and a 1-D set with a gap between its two input clusters.
 
 Methods: Adam (MAP), Adam + temperature scaling (classification), a 5-member deep ensemble,
-VOGN, noisy Adam, noisy K-FAC and IVON at their defaults, for regression also noisy K-FAC with the
-heteroscedastic likelihood, post-hoc Laplace by the README's recipe on the Adam MAP (last-layer
-Kronecker GGN, δ by validation NLL), and the ensemble of the deep ensemble's Laplace posteriors.
+VOGN, noisy Adam, noisy K-FAC, IVON and Bayes by Backprop (``fit(method="bbb")``, with Pyro) at
+their defaults, for regression also noisy K-FAC with the heteroscedastic likelihood, post-hoc
+Laplace by the README's recipe on the Adam MAP (last-layer Kronecker GGN, δ by validation NLL),
+and the ensemble of the deep ensemble's Laplace posteriors.
 Regression MAPs (Adam, the deep ensemble's members) get σ by maximum likelihood on their training
 residuals.
 
@@ -47,7 +48,7 @@ from bayesso.predict.predictive import Predictive
 from bayesso.predict.temperature import TemperatureScaling
 from bayesso.progress import track
 
-VI = {"vogn": "diag", "noisy_adam": "diag", "noisy_kfac": "kron", "ivon": "diag"}
+VI = {"vogn": "diag", "noisy_adam": "diag", "noisy_kfac": "kron", "ivon": "diag", "bbb": "diag"}
 METHODS = ["adam", "adam_ts", "deep_ensemble", *VI, "noisy_kfac_heteroscedastic", "laplace", "laplace_ensemble"]
 NAMES = {
     "adam": "Adam (MAP)",
@@ -57,6 +58,7 @@ NAMES = {
     "noisy_adam": "noisy Adam",
     "noisy_kfac": "noisy K-FAC",
     "ivon": "IVON",
+    "bbb": "Bayes by Backprop (Pyro)",
     "noisy_kfac_heteroscedastic": "noisy K-FAC, heteroscedastic likelihood",
     "laplace": "Laplace (recipe)",
     "laplace_ensemble": "ensemble of 5 Laplace posteriors",

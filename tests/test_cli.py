@@ -52,12 +52,13 @@ def test_quick_demo_prints_the_table_and_writes_the_report(tmp_path):
         timeout=300,
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + 6  # header and one row per method
+    assert len(lines) == 1 + 7  # header and one row per method
     assert [line.split("|")[1].strip() for line in lines[1:]] == [
-        "Adam (MAP)", "Adam + temperature scaling", "VOGN", "noisy K-FAC", "IVON", "Laplace (last layer)",
+        "Adam (MAP)", "Adam + temperature scaling", "VOGN", "noisy K-FAC", "IVON", "Bayes by Backprop (Pyro)",
+        "Laplace (last layer)",
     ]  # fmt: skip
     verdicts = [line for line in result.stdout.splitlines() if "than Adam in" in line]
-    assert len(verdicts) == 5 and all(line.endswith(".") for line in verdicts)  # one per method but Adam
+    assert len(verdicts) == 6 and all(line.endswith(".") for line in verdicts)  # one per method but Adam
     assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"report.md", "metrics.json", "reliability_vogn.png"}
 
 
