@@ -124,7 +124,9 @@ class BayesByBackprop:
         mc_samples: weight samples per step (Trace_ELBO's particles).
         init_scale: the guide's initial std for every parameter, below the prior's std.
         seed: seed of the run's sampling generator.
-        dataset_size, temperature, prior_precision: override the posterior's N, τ and δ.
+        dataset_size: overrides the posterior's N.
+        temperature: overrides the posterior's τ.
+        prior_precision: overrides the posterior's δ.
         learn_noise: regression: σ is a parameter of the ELBO (initialised from the residuals at the mean).
         grid: refused when active (one process only).
     """
