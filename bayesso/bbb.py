@@ -55,7 +55,9 @@ from bayesso.saved_state import check_keys
 from bayesso.training import DivergenceWarning, _Run, divergence
 
 try:
-    import pyro
+    with warnings.catch_warnings():  # pyro.infer imports tqdm.auto, which warns in notebooks without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import pyro
     import pyro.distributions as dist
     from pyro import poutine
     from pyro.distributions import constraints

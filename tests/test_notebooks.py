@@ -91,6 +91,17 @@ def test_no_error_outputs(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_no_output_points_into_installed_or_library_code(name):
+    """A stored warning attributed to a file under site-packages or bayesso/ is noise the library should not make
+    (tqdm's "IProgress not found", a warning with a stacklevel short of the user's line)."""
+    for cell in code_cells(load(name)):
+        for output in cell.get("outputs", []):
+            text = output.get("text", "")
+            text = text if isinstance(text, str) else "".join(text)
+            assert "site-packages/" not in text and "/bayesso/" not in text, text[:300]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_opens_with_a_title_and_closes_with_prose(name):
     cells = load(name)["cells"]
     assert cells[0]["cell_type"] == "markdown" and source(cells[0]).startswith("# ")

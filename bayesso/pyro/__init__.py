@@ -6,8 +6,12 @@ from the bayesso posterior, so ``pyro.infer.Predictive``, ``Trace_ELBO`` and the
 Laplace posterior fitted here. ``BayesianModel.fit(method="bbb")`` trains the Bayes-by-Backprop baseline.
 """
 
+import warnings
+
 try:
-    import pyro  # noqa: F401
+    with warnings.catch_warnings():  # pyro.infer imports tqdm.auto, which warns in notebooks without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import pyro  # noqa: F401
 except ImportError as error:  # pragma: no cover - exercised with Pyro hidden
     raise ImportError("bayesso.pyro needs Pyro: pip install 'bayesso[pyro]' (or pip install pyro-ppl)") from error
 
