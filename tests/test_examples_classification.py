@@ -131,6 +131,46 @@ def test_bad_keys_and_values_are_refused_naming_the_key_and_the_value(key, value
         parse_config(raw)
 
 
+def test_a_posterior_per_module_takes_nn_class_names_and_module_names():
+    raw = _raw("digits_vogn")
+    raw["method"]["posterior"] = {"Linear": "kron", "5": "diag"}  # the MLP's layers 1, 3 and its head 5
+    config = parse_config(raw)
+    learner = build_learner(config, data_sources.SHAPES["digits"], 10, 1437, ProcessGrid(), torch.device("cpu"))
+    assert learner.model.posterior.statistic.structures == {"1": "kron", "3": "kron", "5": "diag"}
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, *data_sources.SHAPES["digits"], generator=generator), torch.tensor([0, 1, 2, 3])
+    assert math.isfinite(learner.step(x, y))
+
+
+@pytest.mark.parametrize(
+    ("config", "posterior", "message"),
+    [
+        ("digits_ivon", {"Linear": "diag"}, "config key 'method.posterior': expected one structure for ivon, got"),
+        ("digits_vogn", {}, "config key 'method.posterior': expected a non-empty object for vogn, got {}"),
+        ("digits_vogn", {"Linear": "full"}, 'config key \'method.posterior.Linear\': expected one of "diag", "kron"'),
+        (
+            "digits_noisy_kfac",
+            {"Conv2d": "full"},
+            'config key \'method.posterior.Conv2d\': expected one of "kron", "diag"',
+        ),
+        ("digits_vogn", 3, "config key 'method.posterior': expected a non-empty string, got 3"),
+    ],
+)
+def test_bad_per_module_posteriors_are_refused_naming_the_key(config, posterior, message):
+    raw = _raw(config)
+    raw["method"]["posterior"] = posterior
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        parse_config(raw)
+
+
+def test_a_module_name_that_is_not_in_the_network_is_a_config_error():
+    raw = _raw("digits_vogn")
+    raw["method"]["posterior"] = {"classifier": "kron"}
+    message = "config key 'method.posterior': vogn refused it: structure names 'classifier', which is not a module"
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build_learner(parse_config(raw), data_sources.SHAPES["digits"], 10, 1437, ProcessGrid(), torch.device("cpu"))
+
+
 def test_files_that_are_no_config_are_refused_naming_the_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("[1]")

@@ -124,7 +124,7 @@ class Model:
 @dataclass(frozen=True)
 class Method:
     name: str
-    posterior: str | None  # the VI methods' posterior structure; None for adam and kfac
+    posterior: str | dict[str, str] | None  # the VI methods' structure (or one per module); None for adam and kfac
     args: dict
 
     @property
@@ -184,15 +184,35 @@ def _model(where: str, value: Any) -> Model:
 
 
 def _method(where: str, value: Any) -> Method:
-    spec = {"name": (choice(*METHODS), REQUIRED), "posterior": (optional(text), None), "args": (lambda w, v: v, {})}
+    spec = {
+        "name": (choice(*METHODS), REQUIRED),
+        "posterior": (optional(_posterior), None),
+        "args": (lambda w, v: v, {}),
+    }
     found = section(where, value, spec)
     name, posterior = found["name"], found["posterior"]
     if name in DETERMINISTIC:
         if posterior is not None:
             raise ConfigError(f"config key '{where}.posterior': {name} has no posterior, got {json.dumps(posterior)}")
+    elif isinstance(posterior, dict):
+        posterior = _per_module(f"{where}.posterior", posterior, name)
     else:
         posterior = choice(*POSTERIORS[name])(f"{where}.posterior", posterior or POSTERIORS[name][0])
     return Method(name, posterior, args(f"{where}.args", found["args"], METHOD_ARGS[name], f"method {name!r}"))
+
+
+def _posterior(where: str, value: Any) -> str | dict:
+    """A structure's name, or an object of them per module (checked against the method in ``_method``)."""
+    return value if isinstance(value, dict) else text(where, value)
+
+
+def _per_module(where: str, value: dict, method: str) -> dict[str, str]:
+    """Structures per module: keys are ``torch.nn`` class names ("Linear", "Conv2d", "Module" for the default) or
+    module names, values the method's structures (``bayesso.curvature.structures`` resolves them)."""
+    if method == "ivon" or not value:
+        fail(where, f"{'one structure' if method == 'ivon' else 'a non-empty object'} for {method}", value)
+    allowed = ("diag", "kron") if method == "vogn" else POSTERIORS[method] + ("diag",)
+    return {key: choice(*allowed)(f"{where}.{key}", structure) for key, structure in value.items()}
 
 
 def _schedule(where: str, value: Any) -> Schedule:

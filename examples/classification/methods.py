@@ -34,13 +34,20 @@ class Learner:
         self.name, self.module, self.grid, self.test_samples = method.name, module, grid, samples.test
         self.model: BayesianModel | None = None
         options = dict(method.args)
+        if method.bayesian:
+            posterior = method.posterior
+            if isinstance(posterior, dict):  # torch.nn class names become the classes; others are module names
+                posterior = {_module_type(key) or key: structure for key, structure in posterior.items()}
+            try:
+                self.model = BayesianModel(module, "classification", posterior, dataset_size=dataset_size)
+            except ValueError as error:  # e.g. a module name the network does not have
+                raise ConfigError(f"config key 'method.posterior': {method.name} refused it: {error}") from error
         try:
             if method.name == "adam":
                 self.optimizer = torch.optim.Adam(module.parameters(), **options)
             elif method.name == "kfac":
                 self.optimizer = SecondOrderOptimizer(module, "classification", seed=seed, grid=grid, **options)
             else:
-                self.model = BayesianModel(module, "classification", method.posterior, dataset_size=dataset_size)
                 preset = PRESETS[method.name]
                 self.optimizer = preset(self.model, mc_samples=samples.train, seed=seed, grid=grid, **options)
         except ValueError as error:  # a value the config's checks let through and the optimizer refuses
@@ -98,3 +105,9 @@ def build_learner(
     torch.manual_seed(config.seed)
     module = build_network(config.model.name, shape, classes, **config.model.args).to(device)
     return Learner(config.method, config.mc_samples, module, dataset_size, config.seed, grid)
+
+
+def _module_type(name: str) -> type[nn.Module] | None:
+    """``torch.nn.<name>`` if that is a module class (``"Module"``: every module, the default), else None."""
+    found = getattr(nn, name, None)
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
