@@ -58,17 +58,17 @@ try:
     with warnings.catch_warnings():  # pyro.infer imports tqdm.auto, which warns in notebooks without ipywidgets
         warnings.filterwarnings("ignore", message="IProgress not found")
         import pyro
-    import pyro.distributions as dist
     from pyro import poutine
     from pyro.distributions import constraints
     from pyro.infer import Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
     from pyro.infer.autoguide.initialization import init_to_value
     from pyro.infer.autoguide.utils import deep_setattr
-    from pyro.nn import PyroModule, PyroParam, PyroSample
-    from pyro.nn.module import to_pyro_module_
+    from pyro.nn import PyroModule, PyroParam
 except ImportError as error:
     raise ImportError(f"method='bbb' needs Pyro ({error}): pip install 'bayesso[pyro]'") from error
+
+from bayesso.pyro.model import prior_copy  # Pyro is importable here
 
 if TYPE_CHECKING:
     from bayesso.distributed import ProcessGrid
@@ -190,14 +190,8 @@ class BayesByBackprop:
         if learn_noise:
             sigma = torch.tensor(model.likelihood.sigma_value, dtype=posterior.dtype, device=posterior.device)
         with pyro.settings.context(module_local_params=True):
-            net = copy.deepcopy(model.module)
-            to_pyro_module_(net)
+            net = prior_copy(model.module, dict(stds))
             self.network = _Network(net, model.likelihood, posterior.dataset_size / posterior.temperature, sigma)
-            for name, std in stds:
-                owner, _, attr = name.rpartition(".")
-                holder = net.get_submodule(owner)
-                zero = torch.zeros_like(getattr(holder, attr).detach())
-                setattr(holder, attr, PyroSample(dist.Normal(zero, torch.full_like(zero, std)).to_event(zero.dim())))
         self.guide = self.elbo = self.adam = None
         self.pending: dict | None = None  # a checkpoint's state, loaded once the guide exists
         self.sums = [0.0]  # the epoch's −ELBO_τ / N summed over its examples

@@ -27,7 +27,7 @@ from torch import Tensor
 from bayesso.batches import check_loader, checked_batch, located
 from bayesso.caller import user_stacklevel
 from bayesso.curvature import CurvatureEngine
-from bayesso.curvature.structures import Structure, check_structure, structure_label
+from bayesso.curvature.structures import Structure, structure_label
 from bayesso.distributed import ProcessGrid
 from bayesso.likelihoods import Binary, Classification, Regression
 from bayesso.posteriors import Posterior, build_posterior
@@ -77,7 +77,6 @@ def fit_laplace(
     """
     current = model.posterior
     structure = current.curvature_structure if structure is None else structure
-    check_structure(structure)
     plan_names = [plan.name for plan in current.plans]
     mixed = not isinstance(structure, str)
     options = {"kfac_damping": "exact"} if structure == "kron" or mixed else {}

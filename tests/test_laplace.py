@@ -77,37 +77,17 @@ SEQUENTIAL = ["mlp", "mlp_binary", "mlp_regression", "mlp_heteroscedastic", "con
               "layernorm_groupnorm"]  # fmt: skip
 
 
-@pytest.mark.parametrize("structure", ["diag", "full"])
+@pytest.mark.parametrize("structure", ["diag", "full", "mixed"])
 @pytest.mark.parametrize("kind", ["ggn", "hessian"])
 @pytest.mark.parametrize("name", SEQUENTIAL)
-def test_diag_and_full_keep_the_dense_blocks_summed_over_the_loader(name, kind, structure):
+def test_diag_full_and_mixed_keep_each_modules_dense_block_or_its_diagonal(name, kind, structure):
+    """Summed over the loader; "mixed": full and diagonal modules in turn (``mixed_structures``)."""
     case = CASES_BY_NAME[name]
     module, x, y = case.data(batch_size=9)
-    model = BayesianModel(module, case.likelihood, structure, prior_precision=0.7)
-    posterior = model.fit_laplace(make_loader(x, y, 4, shuffle=False), kind=kind, progress=False)
-    dense = (ggn if kind == "ggn" else loss_hessian)(module, case.likelihood, x, y)
-    reference = block_diagonal(dense, module, module_blocks(module))
-    index = posterior_index(posterior)
-    expected = reference[index.unsqueeze(1), index.unsqueeze(0)]
-    if structure == "diag":
-        diagonal = expected.diagonal().clamp_min(0)  # an indefinite Hessian's negative curvature is dropped
-        torch.testing.assert_close(posterior.precision_dense().diagonal(), diagonal + 0.7)
-    else:
-        for where in posterior.block_slices():  # ... as negative eigenvalues, block by block
-            values, vectors = torch.linalg.eigh(expected[where, where])
-            expected[where, where] = vectors @ torch.diag(values.clamp_min(0)) @ vectors.T
-        eye = torch.eye(len(index), dtype=torch.float64)
-        torch.testing.assert_close(posterior.precision_dense(), expected + 0.7 * eye, rtol=1e-7, atol=1e-9)
-    assert not module.training  # the zoo's eval mode is kept
-
-
-@pytest.mark.parametrize("kind", ["ggn", "hessian"])
-@pytest.mark.parametrize("name", SEQUENTIAL)
-def test_mixed_structures_keep_each_modules_dense_block_or_its_diagonal(name, kind):
-    case = CASES_BY_NAME[name]
-    module, x, y = case.data(batch_size=9)
-    structures = mixed_structures(module, ("full", "diag"))
-    model = BayesianModel(module, case.likelihood, structures, prior_precision=0.7)
+    structures = mixed_structures(module, ("full", "diag") if structure == "mixed" else (structure,))
+    model = BayesianModel(
+        module, case.likelihood, structures if structure == "mixed" else structure, prior_precision=0.7
+    )
     posterior = model.fit_laplace(make_loader(x, y, 4, shuffle=False), kind=kind, progress=False)
     dense = (ggn if kind == "ggn" else loss_hessian)(module, case.likelihood, x, y)
     reference = block_diagonal(dense, module, module_blocks(module))
@@ -115,14 +95,15 @@ def test_mixed_structures_keep_each_modules_dense_block_or_its_diagonal(name, ki
     expected = reference[index.unsqueeze(1), index.unsqueeze(0)]
     for plan, where in zip(posterior.plans, posterior.block_slices()):
         block = expected[where, where]
-        if structures[plan.name] == "full":
+        if structures[plan.name] == "full":  # an indefinite Hessian's negative eigenvalues are dropped, per block
             values, vectors = torch.linalg.eigh(block)
             expected[where, where] = vectors @ torch.diag(values.clamp_min(0)) @ vectors.T
-        else:
+        else:  # ... and its negative diagonal entries
             expected[where, where] = torch.diag(block.diagonal().clamp_min(0))
     eye = torch.eye(len(index), dtype=torch.float64)
     torch.testing.assert_close(posterior.precision_dense(), expected + 0.7 * eye, rtol=1e-7, atol=1e-9)
-    assert set(posterior.statistic.structures.values()) == {"full", "diag"}
+    assert set(posterior.statistic.structures.values()) == set(structures.values())
+    assert not module.training  # the zoo's eval mode is kept
 
 
 def test_kron_over_a_loader_equals_kfac_of_all_the_data_and_is_exact_for_one_example():

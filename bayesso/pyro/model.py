@@ -18,14 +18,29 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroSample
 from pyro.nn.module import to_pyro_module_
-from torch import Tensor
+from torch import Tensor, nn
 
 from bayesso.likelihoods import Binary, Classification, Regression
 
 if TYPE_CHECKING:
     from bayesso.model import BayesianModel
 
-__all__ = ["PyroBayesianModel", "random_sites"]
+__all__ = ["PyroBayesianModel", "prior_copy", "random_sites"]
+
+
+def prior_copy(module: nn.Module, stds: dict[str, float | Tensor]) -> nn.Module:
+    """A deep copy of ``module`` as a ``PyroModule`` (``module`` itself is left a plain ``nn.Module``) whose
+    parameters named in ``stds`` (``named_parameters`` names) are ``PyroSample`` sites with prior N(0, std² I)."""
+    network = copy.deepcopy(module)
+    to_pyro_module_(network)
+    for name, std in stds.items():
+        owner, _, local = name.rpartition(".")
+        holder = network.get_submodule(owner)
+        parameter = getattr(holder, local)
+        zero = torch.zeros((), dtype=parameter.dtype, device=parameter.device)
+        scale = torch.as_tensor(std).to(zero)
+        setattr(holder, local, PyroSample(dist.Normal(zero, scale).expand(parameter.shape).to_event(parameter.ndim)))
+    return network
 
 
 def random_sites(model: BayesianModel) -> dict[str, list[str]]:
@@ -53,18 +68,13 @@ class PyroBayesianModel:
                 f"{model.likelihood!r}"
             )
         posterior = model.posterior
-        self.model, self.network = model, copy.deepcopy(model.module)
-        to_pyro_module_(self.network)
-        self.sites = random_sites(model)  # random block -> its parameter sites, in flat order
-        for index, plan in enumerate(posterior.plans):
-            if plan.name not in self.sites:
-                continue
-            owner = self.network.get_submodule(plan.name)
-            scale = posterior.prior_precision[index].rsqrt()
-            for local, parameter in zip(plan.local, plan.parameters):
-                zero = torch.zeros((), dtype=parameter.dtype, device=parameter.device)
-                prior = dist.Normal(zero, scale.to(parameter)).expand(parameter.shape).to_event(parameter.ndim)
-                setattr(owner, local, PyroSample(prior))
+        self.model, self.sites = model, random_sites(model)  # random block -> its parameter sites, in flat order
+        stds = {
+            site: delta.rsqrt()
+            for plan, delta in zip(posterior.plans, posterior.prior_precision)
+            for site in self.sites.get(plan.name, [])
+        }
+        self.network = prior_copy(model.module, stds)
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         posterior, likelihood = self.model.posterior, self.model.likelihood
